@@ -1,0 +1,164 @@
+"""The Python API. The CLI is a thin layer over `run`; `optimize` is the one-call convenience."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import onnx
+
+from .errors import OptimizeError, ValidationFailed
+from .graph import export_model, import_graph
+from .model_io import StagedModel, check_opset, default_opset, load_model_sized
+from .pass_api import PassContext
+from .pipeline import PassManager
+from .registry import registry
+from .report import ModelSummary, Report
+from .specs import check_shape_names, load_inputs_file, parse_input_shapes, random_inputs, resolve_input_specs
+from .validate import ValidationResult, validate
+
+log = logging.getLogger("onnxslim_opt")
+
+
+@dataclass
+class OptimizeOptions:
+    """Every knob of a run; the CLI and the API fill the same object."""
+
+    passes: Optional[Sequence[str]] = None
+    skip: Sequence[str] = ()
+    pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    input_shapes: dict[str, tuple[int, ...]] | str | None = None
+    validate: bool = True
+    inputs_file: Optional[str] = None
+    samples: int = 3
+    seed: int = 0
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    force: bool = False
+    overwrite: bool = False
+    debug: bool = False
+    fold_size_limit: int = 1 << 20
+    custom_op_libraries: Sequence[str] = ()
+    progress: Optional[Callable[[str], None]] = None
+
+
+@dataclass
+class Outcome:
+    model: Optional[onnx.ModelProto]
+    report: Report
+    output_path: Optional[Path]
+
+
+def default_output_path(source: Path) -> Path:
+    name = source.name[:-5] if source.name.endswith(".onnx") else source.name
+    return source.with_name(name + ".opt.onnx")
+
+
+def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None = None,
+        options: Optional[OptimizeOptions] = None, keep_model: bool = True) -> Outcome:
+    """Optimize `source`, validate the result, and write it to `output` (if given) atomically.
+
+    Raises OptimizeError for bad input (nothing written) and ValidationFailed when outputs differ
+    (nothing written unless `force`). With keep_model=False the optimized proto is freed before
+    validation, so peak memory stays near one copy of the weights.
+    """
+    opts = options or OptimizeOptions()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="onnxslim-opt-") as scratch:
+        if isinstance(source, onnx.ModelProto):
+            check_opset(source)
+            model = source
+            source_path = Path(scratch) / "input.onnx"
+            StagedModel(model, source_path.parent / "input.onnx").commit()
+            file_bytes = None
+            label = "<in-memory model>"
+        else:
+            source_path = Path(source)
+            model, file_bytes = load_model_sized(source_path)
+            label = str(source_path)
+        if output is not None and Path(output).exists() and not isinstance(source, onnx.ModelProto):
+            if Path(output).resolve() == source_path.resolve() and not opts.overwrite:
+                raise OptimizeError(f"refusing to overwrite the input {source_path}; pass --overwrite to allow it")
+        shapes = parse_input_shapes(opts.input_shapes) if not isinstance(opts.input_shapes, dict) else dict(opts.input_shapes)
+        check_shape_names(model, shapes)
+        report = Report(input=label, output=str(output) if output is not None else None)
+        samples = None
+        if opts.validate:  # settle validation inputs before any work, so bad specs fail fast
+            specs, notes = resolve_input_specs(model, shapes)
+            report.notes.extend(notes)
+            samples = (load_inputs_file(opts.inputs_file, specs) if opts.inputs_file
+                       else random_inputs(specs, opts.samples, opts.seed))
+        passes = [cls.with_options(**opts.pass_options.get(cls.name, {})) if opts.pass_options.get(cls.name)
+                  else cls() for cls in registry.select(opts.passes, opts.skip)]
+        for name in opts.pass_options:
+            if name not in {p.name for p in passes}:
+                raise OptimizeError(f"options given for pass {name!r}, which is not in this run")
+        report.before = ModelSummary.of_model(model, file_bytes)
+        timings["load"] = time.perf_counter() - t0
+
+        ctx = PassContext(opset=default_opset(model) or 0, input_shapes=shapes, fold_size_limit=opts.fold_size_limit,
+                          debug=opts.debug, custom_op_libraries=tuple(opts.custom_op_libraries))
+        t = time.perf_counter()
+        graph = import_graph(model)
+        manager = PassManager(passes, ctx, model, progress=opts.progress)
+        graph = manager.run(graph)
+        optimized = export_model(graph, model)
+        del graph
+        timings["optimize"] = time.perf_counter() - t
+        report.passes = [s.to_dict() for s in manager.stats.values()]
+        report.simplify_rounds = manager.rounds
+        for s in manager.stats.values():
+            if s.errors:
+                report.notes.append(f"pass {s.name} failed on this model and was rolled back: {s.errors[0]}")
+
+        destination = Path(output) if output is not None else Path(scratch) / "optimized.onnx"
+        t = time.perf_counter()
+        with StagedModel(optimized, destination) as staged:
+            report.after = ModelSummary.of_model(optimized, None)
+            result_model = optimized if keep_model else None
+            if not keep_model:
+                del optimized
+            model = None  # the original proto is no longer needed: validation reads files
+            _check_staged(staged.path)
+            report.after.file_bytes = staged.size()
+            timings["write"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if samples is not None:
+                result = validate(source_path, staged.path, samples, opts.rtol, opts.atol, opts.custom_op_libraries)
+                if result.status == "unavailable":
+                    report.notes.append(f"outputs were NOT validated: {result.message}")
+            else:
+                result = ValidationResult("skipped", message="validation disabled (--no-validate)")
+            report.validation = result.to_dict()
+            timings["validate"] = time.perf_counter() - t
+            report.seconds = {k: round(v, 4) for k, v in timings.items()}
+            report.seconds["total"] = round(time.perf_counter() - t0, 4)
+            if result.status == "failed" and not opts.force:
+                raise ValidationFailed(f"validation failed, nothing written: {result.message}", report)
+            if output is not None:
+                staged.commit()
+                report.written = True
+        return Outcome(result_model, report, Path(output) if output is not None else None)
+
+
+def _check_staged(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ValidationFailed(f"the optimized model fails onnx.checker, nothing written: {' '.join(str(exc).split())[:300]}")
+
+
+def optimize(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None = None,
+             **options: Any) -> onnx.ModelProto:
+    """Optimize a model (path or ModelProto) and return the optimized ModelProto.
+
+    Keyword options are the fields of OptimizeOptions, e.g. `skip=["fuse_pad"]`,
+    `input_shapes={"x": (1, 3, 224, 224)}`, `validate=False`. Raises ValidationFailed if the
+    result does not match the original.
+    """
+    return run(model, output, OptimizeOptions(**options)).model

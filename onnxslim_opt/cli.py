@@ -1,0 +1,169 @@
+"""`optimize` command line: parses flags into OptimizeOptions and calls the API. Nothing more."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+from .api import OptimizeOptions, default_output_path, run
+from .errors import OptimizeError, ValidationFailed
+from .registry import registry
+
+log = logging.getLogger("onnxslim_opt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="optimize",
+        description="Optimize an ONNX model with lossless graph rewrites, validated with ONNX Runtime.",
+    )
+    p.add_argument("model", nargs="?", help="input .onnx file")
+    p.add_argument("-o", "--output", help="output file (default: <name>.opt.onnx beside the input)")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report to FILE ('-' for stdout)")
+    p.add_argument("--passes", help="comma-separated passes to run instead of the default pipeline")
+    p.add_argument("--skip", default="", help="comma-separated passes to leave out")
+    p.add_argument("--pass-option", action="append", default=[], metavar="PASS.KEY=VALUE",
+                   help="set an option of a pass, e.g. fold_constants.size_limit=4096 (repeatable)")
+    p.add_argument("--list-passes", action="store_true", help="list the registered passes and exit")
+    p.add_argument("--input-shapes", nargs="+", metavar="NAME:D0,D1,...",
+                   help="fix input shapes, e.g. input:1,3,224,224 (lets dynamic models fold further)")
+    p.add_argument("--inputs", metavar="NPZ", help="validate on these inputs (.npz, one array per input name)")
+    p.add_argument("--samples", type=int, default=3, help="random validation samples (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of validation (default 1e-4)")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of validation (default 1e-5)")
+    p.add_argument("--no-validate", action="store_true", help="do not compare outputs with ONNX Runtime")
+    p.add_argument("--force", action="store_true", help="write the output even if validation fails")
+    p.add_argument("--overwrite", action="store_true", help="allow the output to replace the input file")
+    p.add_argument("--fold-size-limit", type=_size, default=1 << 20, metavar="BYTES",
+                   help="largest constant folding may create (default 1MB; accepts kB/MB suffixes)")
+    p.add_argument("--custom-op-library", action="append", default=[], metavar="SO",
+                   help="ONNX Runtime custom-op library used for validation (repeatable)")
+    p.add_argument("--debug", action="store_true", help="check the graph after every pass; show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--version", action="version", version=f"onnxslim-opt {__version__}")
+    return p
+
+
+def _size(text: str) -> int:
+    t = text.strip().lower().replace(" ", "")
+    for suffix, mult in (("gb", 1 << 30), ("mb", 1 << 20), ("kb", 1 << 10), ("b", 1)):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * mult)
+    return int(t)
+
+
+def _split(text: Optional[str]) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def _parse_pass_options(items: Sequence[str]) -> dict[str, dict]:
+    options: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise OptimizeError(f"bad --pass-option {item!r}; expected PASS.KEY=VALUE")
+        options.setdefault(name, {})[field] = _literal(value)
+    return options
+
+
+def _literal(value: str):
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def list_passes() -> str:
+    lines = [f"{'pass':34}{'stage':10}{'lossless':10}description"]
+    for cls in registry.all():
+        default = "" if cls.default else " (not in the default pipeline)"
+        lines.append(f"{cls.name:34}{cls.stage:10}{'yes' if cls.lossless else 'no':10}{cls.description}{default}")
+    for name, err in registry.load_errors.items():
+        lines.append(f"{name:34}{'-':10}{'-':10}failed to load: {err}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING),
+                        format="optimize: %(levelname)s: %(message)s", stream=sys.stderr)
+    if args.list_passes:
+        print(list_passes())
+        return 0
+    if not args.model:
+        print("optimize: error: give a model file (see optimize --help)", file=sys.stderr)
+        return 2
+    report = None
+    try:
+        source = Path(args.model)
+        output = Path(args.output) if args.output else default_output_path(source)
+        options = OptimizeOptions(
+            passes=_split(args.passes) or None, skip=_split(args.skip),
+            pass_options=_parse_pass_options(args.pass_option),
+            input_shapes=args.input_shapes, validate=not args.no_validate, inputs_file=args.inputs,
+            samples=args.samples, seed=args.seed, rtol=args.rtol, atol=args.atol, force=args.force,
+            overwrite=args.overwrite, debug=args.debug, fold_size_limit=args.fold_size_limit,
+            custom_op_libraries=args.custom_op_library, progress=_progress_printer(args),
+        )
+        outcome = run(source, output, options, keep_model=False)
+        report = outcome.report
+        code = 0
+    except OptimizeError as exc:
+        print(f"optimize: error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        return exc.exit_code
+    except ValidationFailed as exc:
+        report = exc.report
+        print(f"optimize: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("optimize: interrupted, nothing written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"optimize: internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+              f"nothing written; rerun with --debug for the traceback", file=sys.stderr)
+        return 3
+    if report is not None:
+        if not args.quiet:
+            print(report.format_table(), file=sys.stderr)
+            if report.written:
+                print(f"wrote {report.output}", file=sys.stderr)
+        if args.report:
+            text = report.to_json()
+            if args.report == "-":
+                sys.stdout.write(text + "\n")
+            else:
+                try:
+                    Path(args.report).write_text(text + "\n")
+                except OSError as exc:
+                    print(f"optimize: error: cannot write report {args.report}: {exc.strerror}", file=sys.stderr)
+                    return 2
+    return code
+
+
+def _progress_printer(args):
+    if args.quiet or not sys.stderr.isatty():
+        return None
+
+    def show(name: str) -> None:
+        sys.stderr.write(f"\r\033[Krunning {name}")
+        sys.stderr.flush()
+
+    return show
+
+
+if __name__ == "__main__":
+    sys.exit(main())

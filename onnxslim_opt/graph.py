@@ -1,0 +1,298 @@
+"""Graph helpers over onnx-graphsurgeon shared by every pass.
+
+The pipeline keeps one `gs.Graph` for its whole run; passes read constants through
+`constant_value` (which sees initializers and Constant nodes alike), and change the graph
+through `Edit` so a rewrite that is planned but not applied leaves nothing behind.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+Tensor = gs.Tensor
+Node = gs.Node
+Graph = gs.Graph
+
+STANDARD_DOMAINS = ("", "ai.onnx", None)  # gs leaves the default domain as None
+
+
+# ----------------------------------------------------------------------------- import / export
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import without copying weights: gs keeps initializers as lazy views of the proto."""
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export `graph` carrying over what gs drops: model metadata, non-tensor IO types, opsets."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = original.ir_version
+    model.producer_name = original.producer_name
+    model.producer_version = original.producer_version
+    model.domain = original.domain
+    model.model_version = original.model_version
+    model.doc_string = original.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    # keep every opset import of the original (custom domains included), never lower one
+    imports = {imp.domain: imp.version for imp in original.opset_import}
+    for imp in model.opset_import:
+        imports[imp.domain] = max(imports.get(imp.domain, 0), imp.version)
+    del model.opset_import[:]
+    for domain, version in sorted(imports.items()):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+    if original.functions and not model.functions:
+        model.functions.extend(original.functions)
+    _restore_non_tensor_types(original.graph, model.graph)
+    return model
+
+
+def _restore_non_tensor_types(original: onnx.GraphProto, exported: onnx.GraphProto) -> None:
+    """gs collapses sequence/map/optional types to tensors; put the original types back."""
+    originals = {}
+    for vi in list(original.input) + list(original.output) + list(original.value_info):
+        if vi.type.WhichOneof("value") not in (None, "tensor_type"):
+            originals[vi.name] = vi.type
+    if not originals:
+        return
+    for vi in list(exported.input) + list(exported.output) + list(exported.value_info):
+        if vi.name in originals:
+            vi.type.CopyFrom(originals[vi.name])
+    # an intermediate value_info gs wrote with a guessed tensor type for a non-tensor value is wrong
+    keep = [vi for vi in exported.value_info
+            if vi.name in originals or vi.type.WhichOneof("value") == "tensor_type"]
+    del exported.value_info[:]
+    exported.value_info.extend(keep)
+
+
+# ----------------------------------------------------------------------------- reading the graph
+def constant_value(tensor: Optional[Tensor]) -> Optional[np.ndarray]:
+    """The value of a tensor known at optimization time, or None.
+
+    Sees initializers (gs.Constant) and outputs of `Constant` nodes (Paddle and many other
+    exporters keep every weight that way).
+    """
+    if tensor is None:
+        return None
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    producer = sole_producer(tensor)
+    if producer is not None and producer.op == "Constant" and producer.domain in STANDARD_DOMAINS:
+        return constant_node_value(producer)
+    return None
+
+
+def constant_node_value(node: Node) -> Optional[np.ndarray]:
+    """Value of a `Constant` node, whichever attribute form it uses; None if not decodable."""
+    attrs = node.attrs
+    if "value" in attrs:
+        v = attrs["value"]
+        return v.values if isinstance(v, gs.Constant) else np.asarray(v)
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.array(list(attrs[key]), dtype=dtype)
+    return None
+
+
+def is_constant(tensor: Optional[Tensor]) -> bool:
+    return tensor is not None and (isinstance(tensor, gs.Constant) or (
+        sole_producer(tensor) is not None and sole_producer(tensor).op == "Constant"))
+
+
+def sole_producer(tensor: Tensor) -> Optional[Node]:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def consumers(tensor: Tensor) -> list[Node]:
+    return list(tensor.outputs)
+
+
+def is_graph_output(graph: Graph, tensor: Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def is_graph_input(graph: Graph, tensor: Tensor) -> bool:
+    return any(t is tensor for t in graph.inputs)
+
+
+def single_consumer(graph: Graph, tensor: Tensor) -> Optional[Node]:
+    """The only node reading `tensor`, if it is read once and is not a graph output."""
+    if len(tensor.outputs) == 1 and not is_graph_output(graph, tensor):
+        return tensor.outputs[0]
+    return None
+
+
+def is_standard(node: Node) -> bool:
+    return node.domain in STANDARD_DOMAINS
+
+
+def walk_graphs(graph: Graph) -> Iterator[Graph]:
+    """The graph and every subgraph (If/Loop/Scan bodies), outermost first."""
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from walk_graphs(value)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    if isinstance(item, gs.Graph):
+                        yield from walk_graphs(item)
+
+
+def attr(node: Node, name: str, default: Any = None) -> Any:
+    return node.attrs.get(name, default)
+
+
+def op_histogram(graph: Graph) -> Counter:
+    counts: Counter = Counter()
+    for g in walk_graphs(graph):
+        counts.update(n.op for n in g.nodes)
+    return counts
+
+
+def node_count(graph: Graph) -> int:
+    return sum(len(g.nodes) for g in walk_graphs(graph))
+
+
+def weight_stats(graph: Graph) -> tuple[int, int]:
+    """(parameter count, bytes) over distinct initializers and Constant-node values."""
+    params = nbytes = 0
+    seen: set[int] = set()
+    for g in walk_graphs(graph):
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                shape = tensor.shape
+                count = int(np.prod(shape)) if shape is not None else 0
+                params += count
+                nbytes += count * np.dtype(tensor.dtype).itemsize if _is_numpy_dtype(tensor.dtype) else 0
+        for node in g.nodes:
+            if node.op == "Constant":
+                value = constant_node_value(node)
+                if value is not None:
+                    params += value.size
+                    nbytes += value.nbytes
+    return params, nbytes
+
+
+def _is_numpy_dtype(dtype: Any) -> bool:
+    try:
+        np.dtype(dtype)
+        return True
+    except TypeError:
+        return False
+
+
+def fresh_name(graph: Graph, base: str) -> str:
+    """A tensor/node name not used in the graph (nor in the names already handed out)."""
+    used = graph.__dict__.setdefault("_onnxslim_opt_names", None)
+    if used is None:
+        used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+        graph.__dict__["_onnxslim_opt_names"] = used
+    name, i = base, 0
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
+# ----------------------------------------------------------------------------- editing the graph
+@dataclass
+class NewNode:
+    """A node to create when an Edit is applied (gs nodes register with their inputs on creation)."""
+
+    op: str
+    inputs: Sequence[Tensor]
+    outputs: Sequence[Tensor]
+    attrs: dict = field(default_factory=dict)
+    name: str = ""
+    domain: Optional[str] = None
+
+
+@dataclass
+class Edit:
+    """A planned, not yet applied, change to one graph.
+
+    Rewrites compute everything (and may fail) while building the Edit; `apply` only rewires,
+    so a rejected or failed plan leaves the graph untouched.
+    - `replace`: (old, new) pairs: every reader of `old` reads `new` instead; a graph output
+      keeps its name.
+    - `remove`: nodes to delete (disconnected from their tensors).
+    - `add`: nodes to create.
+    """
+
+    add: list[NewNode] = field(default_factory=list)
+    remove: list[Node] = field(default_factory=list)
+    replace: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    def apply(self, graph: Graph) -> None:
+        for spec in self.add:
+            node = gs.Node(op=spec.op, name=spec.name or fresh_name(graph, spec.op), attrs=dict(spec.attrs),
+                           inputs=list(spec.inputs), outputs=list(spec.outputs))
+            if spec.domain is not None:
+                node.domain = spec.domain
+            graph.nodes.append(node)
+        removing = {id(n) for n in self.remove}
+        for old, new in self.replace:
+            replace_uses(graph, old, new, ignore=removing)
+        for node in self.remove:
+            node.inputs.clear()
+            node.outputs.clear()
+        if removing:
+            graph.nodes = [n for n in graph.nodes if id(n) not in removing]
+
+
+def replace_uses(graph: Graph, old: Tensor, new: Tensor, ignore: set[int] = frozenset()) -> None:
+    """Make every reader of `old` read `new`; a graph output named like `old` keeps its name."""
+    if old is new:
+        return
+    for node in list(old.outputs):
+        if id(node) in ignore:
+            continue
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
+    for i, out in enumerate(graph.outputs):
+        if out is not old:
+            continue
+        renamable = (isinstance(new, gs.Variable) and len(new.inputs) == 1
+                     and not is_graph_input(graph, new) and not is_graph_output(graph, new))
+        if renamable:
+            old_name = old.name
+            old.name = fresh_name(graph, old_name + "_replaced")
+            new.name = old_name
+            if new.dtype is None:
+                new.dtype = old.dtype
+            if new.shape is None:
+                new.shape = old.shape
+            graph.outputs[i] = new
+        else:
+            # keep `old` as the output tensor, now produced by Identity(new)
+            for producer in list(old.inputs):
+                if old in producer.outputs:
+                    producer.outputs[producer.outputs.index(old)] = gs.Variable(
+                        fresh_name(graph, old.name + "_dead"), old.dtype, old.shape)
+            graph.nodes.append(gs.Node("Identity", name=fresh_name(graph, "Identity"), inputs=[new], outputs=[old]))
+
+
+def bypass(graph: Graph, node: Node, keep_input: int = 0) -> Edit:
+    """Edit removing a node whose first output equals its input `keep_input`."""
+    return Edit(remove=[node], replace=[(node.outputs[0], node.inputs[keep_input])])
+
+
+def make_constant(graph: Graph, base_name: str, value: np.ndarray) -> gs.Constant:
+    return gs.Constant(fresh_name(graph, base_name), np.ascontiguousarray(value))
+
+
+def topological_sort(graph: Graph) -> None:
+    """Toposort every graph level; gs raises on cycles, which we surface as-is."""
+    for g in walk_graphs(graph):
+        g.toposort(recurse_subgraphs=False)

@@ -1,0 +1,66 @@
+"""Shape inference for a gs graph without copying its weights.
+
+onnx's shape inference works on a ModelProto. Exporting the whole graph would copy every
+weight, so large constants are exported as typed graph inputs instead: shapes propagate the
+same, the proto stays small, and peak memory stays near one copy of the weights.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+log = logging.getLogger("onnxslim_opt")
+
+#: constants above this many bytes are exported as typed inputs rather than data
+INLINE_LIMIT = 4096
+
+
+def infer_shapes(graph: gs.Graph) -> bool:
+    """Fill in dtype and shape of the graph's Variables in place. Returns False if inference failed."""
+    light = graph.copy()
+    for tensor in list(light.tensors().values()):
+        if isinstance(tensor, gs.Constant) and _nbytes(tensor) > INLINE_LIMIT:
+            dtype, shape = tensor.dtype, tensor.shape
+            tensor.to_variable(dtype=dtype, shape=list(shape))
+            light.inputs.append(tensor)
+    try:
+        model = gs.export_onnx(light, do_type_check=False)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # unknown ops and malformed graphs: keep what the model declared
+        log.debug("shape inference failed: %s", exc)
+        return False
+    known = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.WhichOneof("value") != "tensor_type":
+            continue
+        tt = vi.type.tensor_type
+        if not tt.elem_type:
+            continue
+        shape = None
+        if tt.HasField("shape"):
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        known[vi.name] = (onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), shape)
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Variable) and name in known:
+            dtype, shape = known[name]
+            if tensor.dtype is None:
+                tensor.dtype = dtype
+            if shape is not None and (tensor.shape is None or _less_known(tensor.shape, shape)):
+                tensor.shape = shape
+    return True
+
+
+def _less_known(current, new) -> bool:
+    if len(current) != len(new):
+        return False
+    return sum(isinstance(d, int) for d in current) < sum(isinstance(d, int) for d in new)
+
+
+def _nbytes(tensor: gs.Constant) -> int:
+    try:
+        return int(np.prod(tensor.shape)) * np.dtype(tensor.dtype).itemsize
+    except TypeError:
+        return 0

@@ -1,0 +1,186 @@
+"""Numerical validation with ONNX Runtime: the optimized model against the original.
+
+Both models run on the CPU provider with graph optimizations disabled, so the runtime can
+neither hide nor add differences. Sessions are built from files (works for >2 GB models) one at
+a time, so only one copy of the weights is loaded by the runtime at once.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .errors import OptimizeError
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float
+    cosine: float
+    matches: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ValidationResult:
+    status: str  # "passed", "failed", "unavailable", "skipped"
+    samples: int = 0
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    outputs: list[OutputComparison] = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def worst(self) -> Optional[OutputComparison]:
+        if not self.outputs:
+            return None
+        return max(self.outputs, key=lambda o: (not o.matches, o.max_abs_diff))
+
+    def to_dict(self) -> dict:
+        worst = self.worst
+        return {"status": self.status, "samples": self.samples, "rtol": self.rtol, "atol": self.atol,
+                "message": self.message, "worst_output": worst.name if worst else None,
+                "outputs": [o.to_dict() for o in self.outputs]}
+
+
+class RuntimeUnavailable(Exception):
+    """ONNX Runtime cannot load or run a model (e.g. a custom op without its library)."""
+
+
+def make_session(path: str | Path, custom_op_libraries: Sequence[str] = (), threads: int = 0):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    for lib in custom_op_libraries:
+        if not Path(lib).exists():
+            raise OptimizeError(f"--custom-op-library not found: {lib}")
+        so.register_custom_ops_library(str(lib))
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise RuntimeUnavailable(explain_runtime_error(exc)) from exc
+
+
+def explain_runtime_error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    m = re.search(r"Could not find an implementation for (\S+)\((\d+)\) node with name '([^']*)'", text)
+    if m:
+        return f"ONNX Runtime has no CPU kernel for {m.group(1)} (opset {m.group(2)}), node {m.group(3)!r}"
+    m = re.search(r"(No Op registered for (\S+) with domain_version of (\d+))", text)
+    if m:
+        return (f"ONNX Runtime does not know op {m.group(2)} (domain version {m.group(3)}); "
+                f"if it is a custom op, pass its library with --custom-op-library")
+    m = re.search(r"Unrecognized attribute|Fatal error: (\S+) is not a registered function/op", text)
+    if m:
+        return f"ONNX Runtime cannot load the model: {text[:300]}; if it uses custom ops, pass --custom-op-library"
+    return f"ONNX Runtime cannot load the model: {text[:300]}"
+
+
+def run_model(path: str | Path, samples: list[dict[str, np.ndarray]],
+              custom_op_libraries: Sequence[str] = ()) -> tuple[list[str], list[list[Any]]]:
+    session = make_session(path, custom_op_libraries)
+    names = [o.name for o in session.get_outputs()]
+    try:
+        results = [session.run(None, feed) for feed in samples]
+    except Exception as exc:
+        raise RuntimeUnavailable(f"ONNX Runtime failed to run the model: {' '.join(str(exc).split())[:300]}") from exc
+    return names, results
+
+
+def compare_values(name: str, ref: Any, got: Any, rtol: float, atol: float) -> OutputComparison:
+    """Compare one output; non-tensor outputs (sequences of maps from ZipMap) are flattened."""
+    ref_arr, got_arr = _as_array(ref), _as_array(got)
+    if ref_arr is None or got_arr is None or ref_arr.shape != got_arr.shape:
+        same = _structurally_equal(ref, got)
+        return OutputComparison(name, 0.0 if same else float("inf"), 0.0 if same else float("inf"),
+                                1.0 if same else 0.0, same)
+    if ref_arr.dtype.kind in "biuU" or ref_arr.dtype == object:
+        equal = bool(np.array_equal(ref_arr, got_arr))
+        diff = 0.0 if equal else float(np.max(ref_arr != got_arr))
+        return OutputComparison(name, diff, diff, 1.0 if equal else 0.0, equal)
+    r = ref_arr.astype(np.float64).ravel()
+    g = got_arr.astype(np.float64).ravel()
+    both_nan = np.isnan(r) & np.isnan(g)
+    both_same_inf = np.isinf(r) & (r == g)
+    ok_special = both_nan | both_same_inf
+    diff = np.where(ok_special, 0.0, np.abs(r - g))
+    diff = np.nan_to_num(diff, nan=np.inf)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    denom = np.abs(r)
+    rel = np.where(denom > 0, diff / np.where(denom > 0, denom, 1), np.where(diff > 0, np.inf, 0))
+    max_rel = float(rel.max()) if rel.size else 0.0
+    finite = ~ok_special & np.isfinite(r) & np.isfinite(g)
+    rn, gn = np.linalg.norm(r[finite]), np.linalg.norm(g[finite])
+    cosine = float(np.dot(r[finite], g[finite]) / (rn * gn)) if rn > 0 and gn > 0 else (1.0 if rn == gn else 0.0)
+    matches = bool(np.all(diff <= atol + rtol * np.abs(r)))
+    return OutputComparison(name, max_abs, max_rel, cosine, matches)
+
+
+def _as_array(value: Any) -> Optional[np.ndarray]:
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        keys = sorted(value[0])
+        try:
+            return np.array([[d[k] for k in keys] for d in value], dtype=np.float64)
+        except (KeyError, TypeError, ValueError):
+            return None
+    return None
+
+
+def _structurally_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and np.array_equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_structurally_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_structurally_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def validate(original_path: str | Path, optimized_path: str | Path, samples: list[dict[str, np.ndarray]],
+             rtol: float = 1e-4, atol: float = 1e-5, custom_op_libraries: Sequence[str] = ()) -> ValidationResult:
+    """Run both models on `samples` and compare every output."""
+    result = ValidationResult("passed", samples=len(samples), rtol=rtol, atol=atol)
+    try:
+        ref_names, ref_outputs = run_model(original_path, samples, custom_op_libraries)
+    except RuntimeUnavailable as exc:
+        result.status, result.message = "unavailable", f"original model: {exc}"
+        return result
+    try:
+        got_names, got_outputs = run_model(optimized_path, samples, custom_op_libraries)
+    except RuntimeUnavailable as exc:
+        result.status, result.message = "failed", f"optimized model: {exc}"
+        return result
+    if ref_names != got_names:
+        result.status = "failed"
+        result.message = f"output names changed: {ref_names} -> {got_names}"
+        return result
+    for i, name in enumerate(ref_names):
+        per_sample = [compare_values(name, ref[i], got[i], rtol, atol) for ref, got in zip(ref_outputs, got_outputs)]
+        merged = OutputComparison(
+            name,
+            max(c.max_abs_diff for c in per_sample),
+            max(c.max_rel_diff for c in per_sample),
+            min(c.cosine for c in per_sample),
+            all(c.matches for c in per_sample),
+        )
+        result.outputs.append(merged)
+    if not all(o.matches for o in result.outputs):
+        worst = result.worst
+        result.status = "failed"
+        result.message = (f"output {worst.name!r} differs: max abs diff {worst.max_abs_diff:.3g}, "
+                          f"max rel diff {worst.max_rel_diff:.3g}, cosine {worst.cosine:.6f} "
+                          f"(rtol {rtol:g}, atol {atol:g})")
+    return result
