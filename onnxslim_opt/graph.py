@@ -31,6 +31,11 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` carrying over what gs drops: model metadata, non-tensor IO types, opsets."""
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = original.ir_version
+    input_names = {i.name for i in model.graph.input}
+    if model.ir_version < 4 and any(t.name not in input_names for t in model.graph.initializer):
+        # IR < 4 requires every initializer to be an input; constants that stopped being
+        # inputs need IR 4, which every runtime that reads IR 3 also reads
+        model.ir_version = 4
     model.producer_name = original.producer_name
     model.producer_version = original.producer_version
     model.domain = original.domain

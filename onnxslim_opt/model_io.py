@@ -13,8 +13,8 @@ from .errors import OptimizeError
 
 #: Protobuf cannot serialize a single message above 2 GiB; above this we write external data.
 PROTOBUF_LIMIT = 2**31 - 1
-#: Oldest default-domain opset whose operators this tool's passes understand.
-MIN_OPSET = 7
+#: Oldest default-domain opset handled (ONNX Runtime still runs opset-6 exports; older ones it does not).
+MIN_OPSET = 6
 #: Newest default-domain opset the installed onnx package knows.
 MAX_OPSET = onnx.defs.onnx_opset_version()
 

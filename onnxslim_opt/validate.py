@@ -123,7 +123,7 @@ def compare_values(name: str, ref: Any, got: Any, rtol: float, atol: float) -> O
     finite = ~ok_special & np.isfinite(r) & np.isfinite(g)
     rn, gn = np.linalg.norm(r[finite]), np.linalg.norm(g[finite])
     cosine = float(np.dot(r[finite], g[finite]) / (rn * gn)) if rn > 0 and gn > 0 else (1.0 if rn == gn else 0.0)
-    matches = bool(np.all(diff <= atol + rtol * np.abs(r)))
+    matches = bool(np.all(ok_special | (diff <= atol + rtol * np.abs(np.nan_to_num(r)))))
     return OutputComparison(name, max_abs, max_rel, cosine, matches)
 
 
