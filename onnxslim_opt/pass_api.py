@@ -55,6 +55,8 @@ class PassContext:
     fold_size_limit: int = 1 << 20
     debug: bool = False
     custom_op_libraries: tuple[str, ...] = ()
+    #: set by the pass manager after a pass changed the graph; see shape_inference.ensure_shapes
+    shapes_stale: bool = True
 
 
 class Pass:

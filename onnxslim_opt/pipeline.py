@@ -98,11 +98,13 @@ class PassManager:
             log.warning("pass %s failed and was rolled back: %s", p.name, message)
             if self.ctx.debug:
                 log.debug("traceback of pass %s", p.name, exc_info=True)
+            self.ctx.shapes_stale = True
             return snapshot, False
         stats.seconds += time.perf_counter() - start
         stats.runs += 1
         if result.changed:
             stats.changed_runs += 1
+            self.ctx.shapes_stale = True
         stats.rewrites += result.rewrites
         nodes_after = node_count(graph)
         _, bytes_after = weight_stats(graph)

@@ -33,7 +33,7 @@ def infer_shapes(graph: gs.Graph) -> bool:
         log.debug("shape inference failed: %s", exc)
         return False
     known = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+    for vi in _all_value_infos(inferred.graph):
         if vi.type.WhichOneof("value") != "tensor_type":
             continue
         tt = vi.type.tensor_type
@@ -43,7 +43,8 @@ def infer_shapes(graph: gs.Graph) -> bool:
         if tt.HasField("shape"):
             shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
         known[vi.name] = (onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), shape)
-    for name, tensor in graph.tensors().items():
+    for tensor in _all_tensors(graph):
+        name = tensor.name
         if isinstance(tensor, gs.Variable) and name in known:
             dtype, shape = known[name]
             if tensor.dtype is None:
@@ -51,6 +52,34 @@ def infer_shapes(graph: gs.Graph) -> bool:
             if shape is not None and (tensor.shape is None or _less_known(tensor.shape, shape)):
                 tensor.shape = shape
     return True
+
+
+def ensure_shapes(graph: gs.Graph, ctx) -> None:
+    """Infer shapes unless nothing changed since the last inference in this run.
+
+    The pass manager marks shapes stale after every pass that changed the graph, so several
+    passes of one round share one inference instead of each running its own.
+    """
+    if getattr(ctx, "shapes_stale", True):
+        infer_shapes(graph)
+        ctx.shapes_stale = False
+
+
+def _all_value_infos(graph: onnx.GraphProto):
+    yield from graph.value_info
+    yield from graph.output
+    for node in graph.node:
+        for a in node.attribute:
+            subgraphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subgraphs:
+                yield from _all_value_infos(sub)
+
+
+def _all_tensors(graph: gs.Graph):
+    from .graph import walk_graphs
+
+    for g in walk_graphs(graph):
+        yield from g.tensors().values()
 
 
 def _less_known(current, new) -> bool:

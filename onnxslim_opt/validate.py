@@ -109,6 +109,11 @@ def compare_values(name: str, ref: Any, got: Any, rtol: float, atol: float) -> O
         equal = bool(np.array_equal(ref_arr, got_arr))
         diff = 0.0 if equal else float(np.max(ref_arr != got_arr))
         return OutputComparison(name, diff, diff, 1.0 if equal else 0.0, equal)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return _compare_floats(name, ref_arr, got_arr, rtol, atol)
+
+
+def _compare_floats(name: str, ref_arr: np.ndarray, got_arr: np.ndarray, rtol: float, atol: float) -> OutputComparison:
     r = ref_arr.astype(np.float64).ravel()
     g = got_arr.astype(np.float64).ravel()
     both_nan = np.isnan(r) & np.isnan(g)

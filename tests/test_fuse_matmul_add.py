@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from util import assert_same_outputs, make_model, optimize_with, ops, pass_stats, tensor, vinfo
+
+PASSES = ["fuse_matmul_add", "eliminate_dead_code"]
+RNG = np.random.default_rng(0)
+
+
+def rand(*shape, dtype=np.float32):
+    return RNG.standard_normal(shape).astype(dtype)
+
+
+def build(bias_shape, a_shape=(4, 3), b_shape=(3, 5), bias_first=False, bias_const=True, b_const=True,
+          dtype=TensorProto.FLOAT, out_shape=None):
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    inits = [tensor("b", rand(*bias_shape).astype(np_dtype))] if bias_const else []
+    inputs = [vinfo("x", list(a_shape), dtype)] + ([] if bias_const else [vinfo("b", list(bias_shape), dtype)])
+    if b_const:
+        inits.append(tensor("w", rand(*b_shape).astype(np_dtype)))
+    else:
+        inputs.append(vinfo("w", list(b_shape), dtype))
+    add_inputs = ["b", "mm"] if bias_first else ["mm", "b"]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", add_inputs, ["y"])]
+    if out_shape is None:
+        out_shape = np.broadcast_shapes((a_shape[0], b_shape[1]), tuple(bias_shape)) if len(a_shape) == 2 else \
+            np.broadcast_shapes(tuple(a_shape[:-1]) + (b_shape[1],), tuple(bias_shape))
+    return make_model(nodes, inputs, [vinfo("y", list(out_shape), dtype)], inits)
+
+
+def check(model, expect_ops):
+    out, report = optimize_with(model, PASSES)
+    assert report.validation["status"] == "passed"
+    assert_same_outputs(model, out)
+    assert ops(out) == expect_ops
+    return out, report
+
+
+@pytest.mark.parametrize("bias_shape", [(5,), (1, 5), (4, 5), (4, 1), (), (1,), (1, 1)])
+@pytest.mark.parametrize("bias_first", [False, True])
+def test_fuses_broadcastable_bias(bias_shape, bias_first):
+    out, _ = check(build(bias_shape, bias_first=bias_first), ["Gemm"])
+    assert out.graph.output[0].name == "y"
+
+
+def test_non_constant_b_and_bias():
+    check(build((5,), b_const=False, bias_const=False), ["Gemm"])
+
+
+def test_double():
+    check(build((5,), dtype=TensorProto.DOUBLE), ["Gemm"])
+
+
+def test_shared_weight_and_bias():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m1"]), helper.make_node("Add", ["m1", "b"], ["y1"]),
+             helper.make_node("MatMul", ["x2", "w"], ["m2"]), helper.make_node("Add", ["b", "m2"], ["y2"])]
+    model = make_model(nodes, [vinfo("x", [4, 3]), vinfo("x2", [2, 3])], [vinfo("y1", [4, 5]), vinfo("y2", [2, 5])],
+                       [tensor("w", rand(3, 5)), tensor("b", rand(5))])
+    check(model, ["Gemm", "Gemm"])
+
+
+def test_declines_3d_matmul():
+    model = build((5,), a_shape=(2, 4, 3))
+    out, report = check(model, ["MatMul", "Add"])
+    assert any("ranks 3x2" in r for r in pass_stats(report, "fuse_matmul_add")["rejections"])
+
+
+def test_declines_bias_that_grows_result():
+    check(build((2, 4, 5)), ["MatMul", "Add"])
+    check(build((4, 5), a_shape=(1, 3)), ["MatMul", "Add"])  # M=1 would be broadcast to 4
+
+
+def test_declines_second_consumer():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"]),
+             helper.make_node("Relu", ["mm"], ["z"])]
+    model = make_model(nodes, [vinfo("x", [4, 3])], [vinfo("y", [4, 5]), vinfo("z", [4, 5])],
+                       [tensor("w", rand(3, 5)), tensor("b", rand(5))])
+    check(model, ["MatMul", "Add", "Relu"])
+
+
+def test_declines_matmul_output_is_graph_output():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    model = make_model(nodes, [vinfo("x", [4, 3])], [vinfo("y", [4, 5]), vinfo("mm", [4, 5])],
+                       [tensor("w", rand(3, 5)), tensor("b", rand(5))])
+    check(model, ["MatMul", "Add"])
+
+
+def test_declines_integer_matmul():
+    model = build((5,), dtype=TensorProto.INT32)
+    out, report = check(model, ["MatMul", "Add"])
+    assert any("integer" in r for r in pass_stats(report, "fuse_matmul_add")["rejections"])
+
+
+def test_declines_unknown_rank():
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["y"])]
+    model = make_model(nodes, [vinfo("x", [4, 3]), vinfo("s", ["n"], TensorProto.INT64)], [vinfo("y", ["d0", "d1"])],
+                       [tensor("w", rand(3, 5)), tensor("b", rand(5))])
+    out, report = optimize_with(model, PASSES, validate=False)  # random feeds cannot make a valid shape
+    assert ops(out) == ["Reshape", "MatMul", "Add"]
+    assert "MatMul operand rank unknown" in pass_stats(report, "fuse_matmul_add")["rejections"]
+
+
+def test_inside_if_branch():
+    def branch(tag):
+        nodes = [helper.make_node("MatMul", ["x", "w"], [tag + "_mm"]),
+                 helper.make_node("Add", [tag + "_mm", "b"], [tag + "_y"])]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(tag + "_y", TensorProto.FLOAT, None)])
+    model = make_model([helper.make_node("If", ["c"], ["y"], then_branch=branch("t"), else_branch=branch("e"))],
+                       [vinfo("c", [], TensorProto.BOOL), vinfo("x", [4, 3])], [vinfo("y", [4, 5])],
+                       [tensor("w", rand(3, 5)), tensor("b", rand(5))])
+    out, _ = optimize_with(model, PASSES)
+    for flag in (True, False):
+        feed = {"c": np.array(flag), "x": rand(4, 3)}
+        assert_same_outputs(model, out, feeds=[feed])
+    for attr in out.graph.node[0].attribute:
+        assert [n.op_type for n in attr.g.node] == ["Gemm"]
