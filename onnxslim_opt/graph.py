@@ -29,6 +29,7 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` carrying over what gs drops: model metadata, non-tensor IO types, opsets."""
+    topological_sort(graph)  # edits append nodes at the end; ONNX requires topological order
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = original.ir_version
     input_names = {i.name for i in model.graph.input}

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Optional
 
 import onnx_graphsurgeon as gs
 
-from .graph import Edit, Node, is_standard, walk_graphs
+from .graph import Edit, Node, is_standard, topological_sort, walk_graphs
 
 #: Pipeline stages, run in this order. "simplify" is repeated to a fixed point.
 STAGES = ("prepare", "simplify", "transform", "finalize")
@@ -125,4 +125,6 @@ class RewritePass(Pass):
                 removed.update(id(n) for n in outcome.remove)
                 result.rewrites += 1
                 result.changed = True
+        if result.changed:
+            topological_sort(graph)  # new nodes were appended; keep the order valid for later passes
         return result
