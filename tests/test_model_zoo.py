@@ -6,8 +6,6 @@ them blindly turns a few-kB file into hundreds of MB, so they also test the fold
 """
 from __future__ import annotations
 
-import glob
-import os
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,6 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-import onnxslim_opt
 from onnxslim_opt.api import OptimizeOptions, run
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
