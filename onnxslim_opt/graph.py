@@ -54,7 +54,23 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     if original.functions and not model.functions:
         model.functions.extend(original.functions)
     _restore_non_tensor_types(original.graph, model.graph)
+    _drop_copied_outer_initializers(model.graph, set())
     return model
+
+
+def _drop_copied_outer_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
+    """gs writes every outer-scope weight a subgraph reads as that subgraph's own initializer
+    (same name, same data): drop those copies so a weight is stored once."""
+    if outer:
+        kept = [t for t in graph.initializer if t.name not in outer]
+        if len(kept) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
+    visible = outer | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _drop_copied_outer_initializers(sub, visible)
 
 
 def _restore_non_tensor_types(original: onnx.GraphProto, exported: onnx.GraphProto) -> None:
