@@ -99,6 +99,10 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
             if name not in {p.name for p in passes}:
                 raise OptimizeError(f"options given for pass {name!r}, which is not in this run")
         report.before = ModelSummary.of_model(model, file_bytes)
+        listed_inits = {t.name for t in model.graph.initializer} & {i.name for i in model.graph.input}
+        if listed_inits:
+            report.notes.append(f"{len(listed_inits)} initializers were also listed as graph inputs (old IR); "
+                                f"they are treated as constants and are no longer inputs")
         timings["load"] = time.perf_counter() - t0
 
         ctx = PassContext(opset=default_opset(model) or 0, input_shapes=shapes, fold_size_limit=opts.fold_size_limit,

@@ -109,13 +109,17 @@ class Report:
                      if b.ops.get(op, 0) != a.ops.get(op, 0)]
             if diffs:
                 lines.append("ops changed: " + ", ".join(diffs))
-        active = [p for p in self.passes if p["runs"]]
+        active = [p for p in self.passes if p["rewrites"] or p["errors"]]
+        idle = [p["name"] for p in self.passes if p["runs"] and not (p["rewrites"] or p["errors"])]
         if active:
             lines.append(f"{'pass':34}{'rewrites':>9}{'-nodes':>8}{'+nodes':>8}{'saved':>10}{'time':>9}")
             for p in active:
                 flag = "  (errors, rolled back)" if p["errors"] else ""
                 lines.append(f"{p['name']:34}{p['rewrites']:>9}{p['nodes_removed']:>8}{p['nodes_added']:>8}"
                              f"{_bytes(p['bytes_saved']):>10}{p['seconds']:>8.2f}s{flag}")
+        if idle:
+            total = sum(p["seconds"] for p in self.passes if p["name"] in idle)
+            lines.append(f"({len(idle)} passes found nothing to change, {total:.2f}s in all)")
         if self.validation:
             v = self.validation
             text = f"validation: {v['status']}"

@@ -1,5 +1,7 @@
-"""Make weights look like weights: Constant nodes become initializers, and initializers that
-old-IR exporters also list as graph inputs stop being inputs.
+"""Make weights look like weights: Constant nodes become initializers.
+
+(Initializers that old-IR exporters also list as graph inputs are already constants once
+onnx-graphsurgeon imports the model; the report notes them.)
 
 Many exporters (Paddle, older TensorFlow converters) keep every weight in a Constant node;
 later passes see initializers and Constant outputs alike through `constant_value`, but a single
@@ -15,18 +17,12 @@ from onnxslim_opt.pass_api import Pass, PassContext, PassResult
 
 class InlineConstantNodes(Pass):
     name = "inline_constant_nodes"
-    description = "turn Constant nodes into initializers; stop listing initializers as graph inputs"
+    description = "turn Constant nodes (weights held as nodes, e.g. Paddle exports) into initializers"
     stage = "prepare"
     order = 10
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
-        as_inputs = [t for t in graph.inputs if isinstance(t, gs.Constant)]
-        if as_inputs:
-            graph.inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
-            result.notes.append(f"{len(as_inputs)} initializers were also listed as graph inputs (old IR); "
-                                f"they are treated as constants and no longer inputs")
-            result.rewrites += len(as_inputs)
         for g in walk_graphs(graph):
             for node in list(g.nodes):
                 if node.op != "Constant" or not is_standard(node) or len(node.outputs) != 1:
