@@ -285,9 +285,7 @@ def replace_uses(graph: Graph, old: Tensor, new: Tensor, ignore: set[int] = froz
     for i, out in enumerate(graph.outputs):
         if out is not old:
             continue
-        renamable = (isinstance(new, gs.Variable) and len(new.inputs) == 1
-                     and not is_graph_input(graph, new) and not is_graph_output(graph, new))
-        if renamable:
+        if renamable(graph, new):
             old_name = old.name
             old.name = fresh_name(graph, old_name + "_replaced")
             new.name = old_name
@@ -305,9 +303,27 @@ def replace_uses(graph: Graph, old: Tensor, new: Tensor, ignore: set[int] = froz
             graph.nodes.append(gs.Node("Identity", name=fresh_name(graph, "Identity"), inputs=[new], outputs=[old]))
 
 
-def bypass(graph: Graph, node: Node, keep_input: int = 0) -> Edit:
-    """Edit removing a node whose first output equals its input `keep_input`."""
-    return Edit(remove=[node], replace=[(node.outputs[0], node.inputs[keep_input])])
+def renamable(graph: Graph, tensor: Tensor) -> bool:
+    """Whether replace_uses may give `tensor` a graph output's name: it is produced by a node of
+    this very graph (not an outer scope) and is neither a graph input nor already an output."""
+    return (isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1
+            and any(n is tensor.inputs[0] for n in graph.nodes)
+            and not is_graph_input(graph, tensor) and not is_graph_output(graph, tensor))
+
+
+def bypass(graph: Graph, node: Node, value: Tensor) -> "Edit | str":
+    """Edit removing `node`, whose first output always equals `value`, or why it must stay.
+
+    A graph output fed from a graph input, a constant or an outer-scope value cannot take that
+    value's name, so the node becomes an Identity; an Identity there is declined (removing it
+    would only re-add itself, and the simplify fixed point would never settle).
+    """
+    out = node.outputs[0]
+    if is_graph_output(graph, out) and not renamable(graph, value):
+        if node.op == "Identity":
+            return "Identity from a graph input, constant or outer value to a graph output must stay"
+        return Edit(add=[NewNode("Identity", [value], [out])], remove=[node])
+    return Edit(remove=[node], replace=[(out, value)])
 
 
 def make_constant(graph: Graph, base_name: str, value: np.ndarray) -> gs.Constant:

@@ -25,9 +25,11 @@ def infer_shapes(graph: gs.Graph) -> bool:
         if isinstance(tensor, gs.Constant) and _nbytes(tensor) > INLINE_LIMIT:
             dtype, shape = tensor.dtype, tensor.shape
             tensor.to_variable(dtype=dtype, shape=list(shape))
+            tensor.type = "tensor_type"  # gs's to_variable leaves it unset and export then fails
             light.inputs.append(tensor)
     try:
         model = gs.export_onnx(light, do_type_check=False)
+        model.ir_version = max(model.ir_version, 4)  # IR 3 ignores initializers that are not inputs
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # unknown ops and malformed graphs: keep what the model declared
         log.debug("shape inference failed: %s", exc)
