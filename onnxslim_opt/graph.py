@@ -6,6 +6,7 @@ through `Edit` so a rewrite that is planned but not applied leaves nothing behin
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
@@ -192,7 +193,7 @@ def weight_stats(graph: Graph) -> tuple[int, int]:
             if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
                 seen.add(id(tensor))
                 shape = tensor.shape
-                count = int(np.prod(shape)) if shape is not None else 0
+                count = math.prod(shape) if shape is not None else 0
                 params += count
                 nbytes += count * np.dtype(tensor.dtype).itemsize if _is_numpy_dtype(tensor.dtype) else 0
         for node in g.nodes:

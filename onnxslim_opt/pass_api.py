@@ -71,6 +71,10 @@ class Pass:
     #: part of the default `optimize` pipeline
     default: ClassVar[bool] = True
     Options: ClassVar[type] = NoOptions
+    #: True when the pass never leaves a half-edited graph if it raises (it plans before it edits,
+    #: or applies only self-contained edits). Otherwise the manager snapshots the graph first so
+    #: it can roll the pass back; snapshots cost time on big graphs, so passes that can, say so.
+    transactional: ClassVar[bool] = False
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -83,6 +87,10 @@ class Pass:
         if unknown:
             raise ValueError(f"pass {cls.name} has no option(s) {sorted(unknown)}; it takes {sorted(known)}")
         return cls(cls.Options(**values))
+
+    def applicable(self, graph: gs.Graph, ctx: PassContext) -> bool:
+        """Cheap test whether `run` could change anything; False skips the run (and its snapshot)."""
+        return True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -100,6 +108,7 @@ class RewritePass(Pass):
 
     #: op types the rewrite is anchored on; planning is only attempted for these
     anchors: ClassVar[tuple[str, ...]] = ()
+    transactional = True  # planning happens before any edit; each Edit is applied whole
 
     def plan(self, node: Node, graph: gs.Graph, ctx: PassContext) -> Optional[Edit | str]:
         raise NotImplementedError

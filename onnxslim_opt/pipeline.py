@@ -59,6 +59,7 @@ class PassManager:
         self.stats: dict[str, PassStats] = {p.name: PassStats(p.name, p.lossless) for p in self.passes}
         self.rounds = 0
         self.progress = progress
+        self._measured: Optional[tuple[int, int]] = None  # (nodes, weight bytes) of the current graph
 
     def run(self, graph: gs.Graph) -> gs.Graph:
         for stage in STAGES:
@@ -79,13 +80,21 @@ class PassManager:
                     graph, _ = self._run_one(p, graph)
         return graph
 
+    def _measure(self, graph: gs.Graph) -> tuple[int, int]:
+        if self._measured is None:
+            self._measured = (node_count(graph), weight_stats(graph)[1])
+        return self._measured
+
     def _run_one(self, p: Pass, graph: gs.Graph) -> tuple[gs.Graph, bool]:
         stats = self.stats[p.name]
+        if not p.applicable(graph, self.ctx):
+            stats.runs += 1
+            return graph, False
         if self.progress:
             self.progress(p.name)
-        nodes_before = node_count(graph)
-        _, bytes_before = weight_stats(graph)
-        snapshot = graph.copy()  # structure only; weight arrays are shared and never mutated in place
+        nodes_before, bytes_before = self._measure(graph)
+        # structure-only copy (weight arrays are shared and never mutated in place)
+        snapshot = None if p.transactional else graph.copy()
         start = time.perf_counter()
         try:
             result = p.run(graph, self.ctx) or PassResult()
@@ -99,18 +108,22 @@ class PassManager:
             if self.ctx.debug:
                 log.debug("traceback of pass %s", p.name, exc_info=True)
             self.ctx.shapes_stale = True
+            self._measured = None
+            if snapshot is None:
+                # a transactional pass raised between whole edits: the graph is valid as it stands
+                return graph, True
             return snapshot, False
         stats.seconds += time.perf_counter() - start
         stats.runs += 1
+        stats.rewrites += result.rewrites
         if result.changed:
             stats.changed_runs += 1
             self.ctx.shapes_stale = True
-        stats.rewrites += result.rewrites
-        nodes_after = node_count(graph)
-        _, bytes_after = weight_stats(graph)
-        stats.nodes_removed += max(0, nodes_before - nodes_after)
-        stats.nodes_added += max(0, nodes_after - nodes_before)
-        stats.bytes_saved += bytes_before - bytes_after
+            self._measured = None
+            nodes_after, bytes_after = self._measure(graph)
+            stats.nodes_removed += max(0, nodes_before - nodes_after)
+            stats.nodes_added += max(0, nodes_after - nodes_before)
+            stats.bytes_saved += bytes_before - bytes_after
         for r in result.rejections:
             stats.rejections[r.reason] = stats.rejections.get(r.reason, 0) + 1
             if len(stats.rejection_examples) < MAX_REJECTIONS_KEPT:

@@ -49,6 +49,7 @@ class DeduplicateInitializers(Pass):
     description = "merge identical constant tensors (same dtype, shape, bytes) into one"
     stage = "simplify"
     order = 710
+    transactional = True  # each merge redirects readers whole; a graph between merges is valid
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()

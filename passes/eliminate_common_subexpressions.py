@@ -39,6 +39,7 @@ class EliminateCommonSubexpressions(Pass):
     description = "merge nodes with the same op, attributes and inputs (common subexpressions)"
     stage = "simplify"
     order = 700
+    transactional = True  # each merge redirects readers whole; a graph between merges is valid
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()

@@ -12,6 +12,7 @@ class EliminateDeadCode(Pass):
     description = "remove nodes and initializers that no graph output depends on"
     stage = "simplify"
     order = 900
+    transactional = True  # gs cleanup only detaches unreachable nodes; any prefix of it is valid
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         nodes_before = node_count(graph)

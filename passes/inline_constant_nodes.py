@@ -20,6 +20,7 @@ class InlineConstantNodes(Pass):
     description = "turn Constant nodes (weights held as nodes, e.g. Paddle exports) into initializers"
     stage = "prepare"
     order = 10
+    transactional = True  # each Constant node is replaced whole
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
