@@ -46,9 +46,15 @@ def check_shape_names(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
     for name, shape in shapes.items():
         if name not in names:
             raise OptimizeError(f"--input-shapes names {name!r}, but the model's inputs are {sorted(names)}")
-        rank = len(names[name].type.tensor_type.shape.dim)
-        if names[name].type.tensor_type.HasField("shape") and rank != len(shape):
-            raise OptimizeError(f"--input-shapes gives {name!r} {len(shape)} dims, but it has rank {rank}")
+        tt = names[name].type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        if len(tt.shape.dim) != len(shape):
+            raise OptimizeError(f"--input-shapes gives {name!r} {len(shape)} dims, but it has rank {len(tt.shape.dim)}")
+        for axis, (dim, wanted) in enumerate(zip(tt.shape.dim, shape)):
+            if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != wanted:
+                raise OptimizeError(f"--input-shapes gives {name!r} size {wanted} at axis {axis}, "
+                                    f"but the model fixes it to {dim.dim_value}")
 
 
 @dataclass
