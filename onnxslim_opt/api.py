@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 import onnx
 
 from .errors import OptimizeError, ValidationFailed
-from .graph import export_model, import_graph
+from .graph import export_model, export_skeleton, import_graph, node_count, op_histogram, weight_stats
 from .model_io import StagedModel, check_opset, default_opset, load_model_sized
 from .pass_api import PassContext
 from .pipeline import PassManager
@@ -20,6 +20,7 @@ from .registry import registry
 from .report import ModelSummary, Report
 from .specs import check_shape_names, load_inputs_file, parse_input_shapes, random_inputs, resolve_input_specs
 from .validate import ValidationResult, validate
+from .weights_on_disk import attach_file_backed_values
 
 log = logging.getLogger("onnxslim_opt")
 
@@ -63,28 +64,18 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
     """Optimize `source`, validate the result, and write it to `output` (if given) atomically.
 
     Raises OptimizeError for bad input (nothing written) and ValidationFailed when outputs differ
-    (nothing written unless `force`). With keep_model=False the optimized proto is freed before
-    validation, so peak memory stays near one copy of the weights.
+    (nothing written unless `force`). With keep_model=False no complete in-memory copy of the
+    optimized model is ever built: weights are streamed to the output file.
     """
     opts = options or OptimizeOptions()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxslim-opt-") as scratch:
-        if isinstance(source, onnx.ModelProto):
-            check_opset(source)
-            model = source
-            source_path = Path(scratch) / "input.onnx"
-            StagedModel(model, source_path.parent / "input.onnx").commit()
-            file_bytes = None
-            label = "<in-memory model>"
-        else:
-            source_path = Path(source)
-            model, file_bytes = load_model_sized(source_path)
-            label = str(source_path)
-        if output is not None and Path(output).exists() and not isinstance(source, onnx.ModelProto):
+        model, source_path, file_bytes, label = _load_source(source, Path(scratch))
+        if output is not None and not isinstance(source, onnx.ModelProto) and Path(output).exists():
             if Path(output).resolve() == source_path.resolve() and not opts.overwrite:
                 raise OptimizeError(f"refusing to overwrite the input {source_path}; pass --overwrite to allow it")
-        shapes = parse_input_shapes(opts.input_shapes) if not isinstance(opts.input_shapes, dict) else dict(opts.input_shapes)
+        shapes = opts.input_shapes if isinstance(opts.input_shapes, dict) else parse_input_shapes(opts.input_shapes)
         check_shape_names(model, shapes)
         report = Report(input=label, output=str(output) if output is not None else None)
         samples = None
@@ -93,11 +84,7 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
             report.notes.extend(notes)
             samples = (load_inputs_file(opts.inputs_file, specs) if opts.inputs_file
                        else random_inputs(specs, opts.samples, opts.seed))
-        passes = [cls.with_options(**opts.pass_options.get(cls.name, {})) if opts.pass_options.get(cls.name)
-                  else cls() for cls in registry.select(opts.passes, opts.skip)]
-        for name in opts.pass_options:
-            if name not in {p.name for p in passes}:
-                raise OptimizeError(f"options given for pass {name!r}, which is not in this run")
+        passes = _build_passes(opts)
         report.before = ModelSummary.of_model(model, file_bytes)
         listed_inits = {t.name for t in model.graph.initializer} & {i.name for i in model.graph.input}
         if listed_inits:
@@ -105,29 +92,33 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
                                 f"they are treated as constants and are no longer inputs")
         timings["load"] = time.perf_counter() - t0
 
+        t = time.perf_counter()
         ctx = PassContext(opset=default_opset(model) or 0, input_shapes=shapes, fold_size_limit=opts.fold_size_limit,
                           debug=opts.debug, custom_op_libraries=tuple(opts.custom_op_libraries))
-        t = time.perf_counter()
         graph = import_graph(model)
+        attach_file_backed_values(graph, source_path.parent)
         manager = PassManager(passes, ctx, model, progress=opts.progress)
         graph = manager.run(graph)
-        optimized = export_model(graph, model)
-        del graph
-        timings["optimize"] = time.perf_counter() - t
         report.passes = [s.to_dict() for s in manager.stats.values()]
         report.simplify_rounds = manager.rounds
         for s in manager.stats.values():
             if s.errors:
                 report.notes.append(f"pass {s.name} failed on this model and was rolled back: {s.errors[0]}")
+        report.after = summarize_graph(graph)
+        if keep_model:
+            optimized = export_model(graph, model)
+            staging = dict(model=optimized)
+        else:
+            optimized = None
+            skeleton, weights = export_skeleton(graph, model)
+            staging = dict(skeleton=skeleton, weights=weights)
+        del graph, manager
+        timings["optimize"] = time.perf_counter() - t
 
         destination = Path(output) if output is not None else Path(scratch) / "optimized.onnx"
         t = time.perf_counter()
-        with StagedModel(optimized, destination) as staged:
-            report.after = ModelSummary.of_model(optimized, None)
-            result_model = optimized if keep_model else None
-            if not keep_model:
-                del optimized
-            model = None  # the original proto is no longer needed: validation reads files
+        with StagedModel(destination, **staging) as staged:
+            del staging
             _check_staged(staged.path)
             report.after.file_bytes = staged.size()
             timings["write"] = time.perf_counter() - t
@@ -147,7 +138,34 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
             if output is not None:
                 staged.commit()
                 report.written = True
-        return Outcome(result_model, report, Path(output) if output is not None else None)
+        return Outcome(optimized, report, Path(output) if output is not None else None)
+
+
+def _load_source(source: str | os.PathLike | onnx.ModelProto, scratch: Path
+                 ) -> tuple[onnx.ModelProto, Path, Optional[int], str]:
+    """(model, a file holding it for ONNX Runtime, its size on disk, a label for the report)."""
+    if isinstance(source, onnx.ModelProto):
+        check_opset(source)
+        path = scratch / "input.onnx"
+        StagedModel(path, model=source).commit()
+        return source, path, None, "<in-memory model>"
+    path = Path(source)
+    model, file_bytes = load_model_sized(path, lazy=True)
+    return model, path, file_bytes, str(path)
+
+
+def _build_passes(opts: OptimizeOptions) -> list:
+    passes = [cls.with_options(**opts.pass_options[cls.name]) if opts.pass_options.get(cls.name) else cls()
+              for cls in registry.select(opts.passes, opts.skip)]
+    for name in opts.pass_options:
+        if name not in {p.name for p in passes}:
+            raise OptimizeError(f"options given for pass {name!r}, which is not in this run")
+    return passes
+
+
+def summarize_graph(graph) -> ModelSummary:
+    params, nbytes = weight_stats(graph)
+    return ModelSummary(node_count(graph), dict(sorted(op_histogram(graph).items())), params, nbytes)
 
 
 def _check_staged(path: Path) -> None:

@@ -29,12 +29,38 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    """Export `graph` carrying over what gs drops: model metadata, non-tensor IO types, opsets."""
+    """Export `graph` as a complete model, carrying over what gs drops: model metadata,
+    non-tensor IO types, opset imports."""
     topological_sort(graph)  # edits append nodes at the end; ONNX requires topological order
     model = gs.export_onnx(graph, do_type_check=False)
+    _finish_export(model, original, set())
+    return model
+
+
+def export_skeleton(graph: gs.Graph, original: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, Any]]]:
+    """Export `graph` without its top-level weights, and list them (name, values source).
+
+    The sources are what the graph holds (file-backed, lazy proto or numpy array), so a writer
+    can stream them to disk without a full in-memory copy of the model (weights_on_disk).
+    """
+    topological_sort(graph)
+    weights = [(name, t._values) for name, t in graph.tensors().items()
+               if isinstance(t, gs.Constant) and not getattr(t, "is_sparse", False)]
+    names = {name for name, _ in weights}
+    light = graph.copy()
+    for name, tensor in light.tensors().items():
+        if name in names and isinstance(tensor, gs.Constant):
+            tensor.to_variable(dtype=None, shape=None)
+            tensor.type = "tensor_type"
+    model = gs.export_onnx(light, do_type_check=False)
+    _finish_export(model, original, names)
+    return model, weights
+
+
+def _finish_export(model: onnx.ModelProto, original: onnx.ModelProto, outer_weights: set[str]) -> None:
     model.ir_version = original.ir_version
     input_names = {i.name for i in model.graph.input}
-    if model.ir_version < 4 and any(t.name not in input_names for t in model.graph.initializer):
+    if model.ir_version < 4 and (outer_weights or any(t.name not in input_names for t in model.graph.initializer)):
         # IR < 4 requires every initializer to be an input; constants that stopped being
         # inputs need IR 4, which every runtime that reads IR 3 also reads
         model.ir_version = 4
@@ -55,14 +81,14 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     if original.functions and not model.functions:
         model.functions.extend(original.functions)
     _restore_non_tensor_types(original.graph, model.graph)
-    _drop_copied_outer_initializers(model.graph, set())
-    return model
+    _drop_copied_outer_initializers(model.graph, outer_weights, top=True)
 
 
-def _drop_copied_outer_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
+def _drop_copied_outer_initializers(graph: onnx.GraphProto, outer: set[str], top: bool = False) -> None:
     """gs writes every outer-scope weight a subgraph reads as that subgraph's own initializer
-    (same name, same data): drop those copies so a weight is stored once."""
-    if outer:
+    (same name, same data): drop those copies so a weight is stored once. At the top level,
+    `outer` names weights written separately (export_skeleton)."""
+    if outer and not top:
         kept = [t for t in graph.initializer if t.name not in outer]
         if len(kept) != len(graph.initializer):
             del graph.initializer[:]

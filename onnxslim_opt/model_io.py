@@ -10,6 +10,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import OptimizeError
+from .weights_on_disk import read_model_lazy, write_model_external, write_model_streaming
 
 #: Protobuf cannot serialize a single message above 2 GiB; above this we write external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -19,13 +20,17 @@ MIN_OPSET = 6
 MAX_OPSET = onnx.defs.onnx_opset_version()
 
 
-def load_model(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model, turning every way it can fail into one OptimizeError line."""
-    return load_model_sized(path, load_external_data)[0]
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model with every weight in memory, turning every way it can fail into one
+    OptimizeError line."""
+    return load_model_sized(path, lazy=False)[0]
 
 
-def load_model_sized(path: str | os.PathLike, load_external_data: bool = True) -> tuple[onnx.ModelProto, int]:
-    """Like load_model, also returning the bytes on disk (model file plus its external data)."""
+def load_model_sized(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelProto, int]:
+    """Like load_model, also returning the bytes on disk (model file plus its external data).
+
+    With lazy=True, large initializers (and external data) stay on disk as external-data stubs
+    that weights_on_disk.attach_file_backed_values turns into lazily read values."""
     p = Path(path)
     if not p.exists():
         raise OptimizeError(f"input file not found: {p}")
@@ -34,7 +39,14 @@ def load_model_sized(path: str | os.PathLike, load_external_data: bool = True) -
     if p.stat().st_size == 0:
         raise OptimizeError(f"input file is empty: {p}")
     try:
-        model = onnx.load_model(str(p), load_external_data=False)
+        # weights stay in the file until a pass needs them (see weights_on_disk)
+        model = read_model_lazy(p) if lazy else onnx.load_model(str(p), load_external_data=False)
+    except Exception:
+        model = None  # the full parser gives the canonical error (or copes with what ours did not)
+    try:
+        if model is None:
+            lazy = False
+            model = onnx.load_model(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise OptimizeError(f"{p} is not a valid ONNX model (protobuf could not be parsed: {_short(exc)})") from exc
     except Exception as exc:  # protobuf raises a zoo of types on garbage input
@@ -43,9 +55,10 @@ def load_model_sized(path: str | os.PathLike, load_external_data: bool = True) -
         raise OptimizeError(f"{p} does not contain an ONNX graph (is it really an .onnx file?)")
     check_opset(model, p)
     size = p.stat().st_size
-    locations = _external_locations(model)
+    # external data files (not the model file itself, which lazily read weights point into)
+    locations = {loc for loc in _external_locations(model) if (p.parent / loc).resolve() != p.resolve()}
     size += sum((p.parent / loc).stat().st_size for loc in locations if (p.parent / loc).exists())
-    if load_external_data and locations:
+    if not lazy and locations:
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
         except Exception as exc:
@@ -88,32 +101,42 @@ def model_byte_size(model: onnx.ModelProto) -> int:
 class StagedModel:
     """A model written beside its destination under a temporary name, moved into place on commit.
 
-    Validation reads the staged file (path-based, so >2 GB models work and the in-memory proto can
-    be freed first); only a committed model ever appears at the destination. Used as a context
-    manager: leaving the block without commit() removes every staged file.
+    Give either a complete `model`, or a `skeleton` plus its top-level `weights` (from
+    graph.export_skeleton), which are streamed to disk without an in-memory copy of the model.
+    Validation reads the staged file (path-based, so >2 GB models work); only a committed model
+    ever appears at the destination. As a context manager, leaving the block without commit()
+    removes every staged file.
     """
 
-    def __init__(self, model: onnx.ModelProto, destination: str | os.PathLike, force_external: bool = False):
+    def __init__(self, destination: str | os.PathLike, model: Optional[onnx.ModelProto] = None,
+                 skeleton: Optional[onnx.ModelProto] = None, weights: Optional[list] = None,
+                 force_external: bool = False):
         self.destination = Path(destination)
         directory = self.destination.parent
         if not directory.exists():
             raise OptimizeError(f"output directory does not exist: {directory}")
         if not os.access(directory, os.W_OK):
             raise OptimizeError(f"output directory is not writable: {directory}")
-        self.external = force_external or model_byte_size(model) > PROTOBUF_LIMIT - (64 << 20)
+        if model is not None:
+            skeleton, weights = model, []
+        size = skeleton.ByteSize() + sum(_source_bytes(src) for _, src in weights)
+        self.external = force_external or size > PROTOBUF_LIMIT - (64 << 20)
         self.data_name = self.destination.name + ".data"
         self._tmpdir = Path(tempfile.mkdtemp(prefix=".onnxslim-opt-", dir=directory))
         self.path = self._tmpdir / self.destination.name
         try:
-            if self.external:
-                onnx.save_model(model, str(self.path), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=self.data_name, size_threshold=1024)
-            else:
-                with open(self.path, "wb") as f:
-                    f.write(model.SerializeToString())
+            with open(self.path, "wb") as out:
+                if self.external:
+                    with open(self._tmpdir / self.data_name, "wb") as data:
+                        write_model_external(skeleton, weights, out, data, self.data_name)
+                else:
+                    write_model_streaming(skeleton, weights, out)
         except OSError as exc:
             self.discard()
             raise OptimizeError(f"cannot write {self.destination}: {exc.strerror or exc}") from exc
+        except BaseException:
+            self.discard()
+            raise
 
     def size(self) -> int:
         total = self.path.stat().st_size
@@ -142,6 +165,11 @@ class StagedModel:
 
     def __exit__(self, *exc_info: object) -> None:
         self.discard()
+
+
+def _source_bytes(source: object) -> int:
+    nbytes = getattr(source, "nbytes", None)
+    return int(nbytes) if nbytes is not None else 0
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
