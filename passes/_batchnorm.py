@@ -79,18 +79,19 @@ def conv_out_channels(conv: Node, weight: np.ndarray) -> int:
 
 
 def scale_out_channels(conv: Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """float64 weight with output channel o multiplied by scale[o].
+    """Weight with output channel o multiplied by scale[o] (scale computed in float64 by the
+    caller, applied in the weight's dtype: one rounding step, and no float64 copy of big weights).
 
     ConvTranspose keeps output channel g*(M/group)+j at weight[g-th block of input channels, j].
     """
-    w = weight.astype(np.float64)
-    spatial = (1,) * (w.ndim - 2)
+    s = scale.astype(weight.dtype) if weight.dtype in (np.float32, np.float64) else scale
+    spatial = (1,) * (weight.ndim - 2)
     if conv.op != "ConvTranspose":
-        return w * scale.reshape((-1, 1) + spatial)
+        return weight * s.reshape((-1, 1) + spatial)
     group = int(attr(conv, "group", 1))
-    c_in, per_group = w.shape[0], w.shape[1]
-    blocks = w.reshape((group, c_in // group, per_group) + w.shape[2:])
-    return (blocks * scale.reshape((group, 1, per_group) + spatial)).reshape(w.shape)
+    c_in, per_group = weight.shape[0], weight.shape[1]
+    blocks = weight.reshape((group, c_in // group, per_group) + weight.shape[2:])
+    return (blocks * s.reshape((group, 1, per_group) + spatial)).reshape(weight.shape)
 
 
 def fold_into_conv(graph: gs.Graph, conv: Node, scale: np.ndarray, shift: np.ndarray, absorbed: Node) -> Edit | str:

@@ -63,12 +63,22 @@ class DeduplicateInitializers(Pass):
         for group in groups.values():
             if len(group) < 2:
                 continue
-            by_digest: dict[bytes, list[_Candidate]] = {}
+            # a cheap fingerprint of a few hundred bytes first: weights that merely share a
+            # shape (every 3x3 conv of a stage) almost always differ there, so only real
+            # duplicates pay for hashing every byte
+            by_sample: dict[bytes, list[tuple[_Candidate, np.ndarray]]] = {}
             for cand in group:
-                by_digest.setdefault(_digest(_peek(cand.source)), []).append(cand)
-            for same in by_digest.values():
-                if len(same) > 1:
-                    saved += _merge_group(same, removed_nodes, hoist, result)
+                arr = _peek(cand.source)
+                by_sample.setdefault(_sample(arr), []).append((cand, arr))
+            for sampled in by_sample.values():
+                if len(sampled) < 2:
+                    continue
+                by_digest: dict[bytes, list[_Candidate]] = {}
+                for cand, arr in sampled:
+                    by_digest.setdefault(_digest(arr), []).append(cand)
+                for same in by_digest.values():
+                    if len(same) > 1:
+                        saved += _merge_group(same, removed_nodes, hoist, result)
         for scope in _scopes(graph):
             g = scope.graph
             gone = removed_nodes.get(id(g), set())
@@ -182,6 +192,15 @@ def _raw(arr: np.ndarray) -> object:
     if arr.dtype == object or arr.dtype.kind in "USO":
         return repr(arr.tolist()).encode()
     return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+
+
+def _sample(arr: np.ndarray) -> bytes:
+    """First, last and 256 evenly spread bytes: equal for equal arrays, cheap for big ones."""
+    raw = _raw(arr)
+    if isinstance(raw, bytes) or raw.size <= 1024:
+        return bytes(raw)
+    spread = raw[:: max(1, raw.size // 256)][:256]
+    return bytes(raw[:256]) + bytes(raw[-256:]) + spread.tobytes()
 
 
 def _digest(arr: np.ndarray) -> bytes:
