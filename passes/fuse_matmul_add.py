@@ -3,6 +3,15 @@
 Gemm only covers the 2-D case with a bias that broadcasts *into* (M, N), so the rewrite is
 restricted to rank-2 operands and biases of shape [], [N], [1, N], [M, 1], [M, N] (or 1s);
 anything else would change the result shape or need extra Reshape nodes.
+
+One N-D case pays for its Reshapes: MatMul(A, W) + Add(bias), W a constant [K, N], bias [N], [1, N]
+or a scalar, where A = Reshape(X) is read only by the MatMul. A matrix product on the last axis
+does not care how the leading axes are grouped, so the result is Reshape(Gemm(X2, W, bias), S)
+with X2 = X when X is [M, K] (the Reshape of A disappears: one node fewer) and X2 = Reshape(X,
+[-1, K]) otherwise (as many nodes as before, so only done when the Add feeds a shape-only op the
+new Reshape merges into; merge_reshapes then saves the node). S is the static output shape, or A's
+Reshape target with its last entry replaced by N. A plain N-D MatMul (not fed by such a Reshape)
+is declined: Reshape-Gemm-Reshape would add a node.
 """
 from __future__ import annotations
 
@@ -11,7 +20,8 @@ from typing import Optional, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_opt.graph import Edit, NewNode, Node, is_standard, single_consumer, walk_graphs
+from onnxslim_opt.graph import (Edit, NewNode, Node, constant_value, fresh_name, is_standard, make_constant,
+                                single_consumer, sole_producer, walk_graphs)
 from onnxslim_opt.pass_api import PassContext, PassResult, RewritePass
 from onnxslim_opt.shape_inference import ensure_shapes
 
@@ -66,9 +76,79 @@ def _bias_problem(bias_shape: Optional[Sequence], m, n) -> Optional[str]:
     return None
 
 
+def _static(shape: Optional[Sequence]) -> Optional[list[int]]:
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _output_target(reshape: Node, out: gs.Tensor, n: int) -> Optional[list[int]]:
+    """A constant target giving the MatMul's output shape from a [M, N] product, or None."""
+    static = _static(out.shape)
+    if static is not None:
+        return static
+    target = constant_value(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
+    if target is None:
+        return None
+    lead = [int(v) for v in np.asarray(target).reshape(-1)][:-1]
+    if 0 in lead or lead.count(-1) > 1:
+        return None
+    return lead + [n]
+
+
+def _merges_after(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    """The tensor's only reader is a shape-only op a Reshape producing `tensor` would merge into."""
+    reader = single_consumer(graph, tensor)
+    if reader is None or not is_standard(reader) or not reader.inputs or reader.inputs[0] is not tensor:
+        return False
+    if reader.op == "Reshape":
+        return len(reader.inputs) > 1 and constant_value(reader.inputs[1]) is not None
+    return reader.op in ("Squeeze", "Unsqueeze", "Flatten") and _static(reader.outputs[0].shape) is not None
+
+
+def _plan_reshaped(node: Node, add: Node, bias: gs.Tensor, graph: gs.Graph) -> Edit | str:
+    """MatMul(Reshape(X), W) + bias as Reshape(Gemm(X2, W, bias)); see the module docstring."""
+    a, b = node.inputs
+    rank = len(_shape(a))
+    plain = f"MatMul of ranks {rank}x2: Gemm is 2-D only (a Reshape-Gemm-Reshape would add nodes)"
+    reshape = sole_producer(a)
+    if reshape is None or reshape.op != "Reshape" or not is_standard(reshape) or len(reshape.inputs) < 2:
+        return plain
+    if single_consumer(graph, a) is not node:
+        return plain + "; its input Reshape has other readers"
+    w = constant_value(b)
+    if w is None:
+        return plain + "; the weight is not a constant"
+    k, n = (int(d) for d in w.shape)
+    if k == 0 or n == 0:
+        return "empty weight"
+    bias_shape = _shape(bias)
+    if bias_shape is None or tuple(bias_shape) not in ((), (1,), (n,), (1, 1), (1, n)):
+        return f"bias shape {bias_shape} is not [N], [1, N] or a scalar"
+    target = _output_target(reshape, node.outputs[0], n)
+    if target is None:
+        return "MatMul output shape unknown and its input Reshape target cannot give it"
+    x = reshape.inputs[0]
+    direct = x.shape is not None and len(x.shape) == 2 and isinstance(x.shape[1], (int, np.integer)) \
+        and x.shape[1] == k
+    if not direct and not _merges_after(graph, add.outputs[0]):
+        return plain + "; its input is not [M, K] and the result feeds no shape op to merge with"
+    edit = Edit(remove=[node, add])
+    if not direct:
+        flat = gs.Variable(fresh_name(graph, f"{reshape.name}_2d"), dtype=a.dtype)
+        flat_target = make_constant(graph, f"{reshape.name}_2d_shape", np.array([-1, k], dtype=np.int64))
+        edit.add.append(NewNode("Reshape", [x, flat_target], [flat], name=fresh_name(graph, reshape.name)))
+        x = flat
+    product = gs.Variable(fresh_name(graph, f"{add.name}_gemm"), dtype=add.outputs[0].dtype)
+    out_target = make_constant(graph, f"{add.name}_shape", np.array(target, dtype=np.int64))
+    edit.add += [NewNode("Gemm", [x, b, bias], [product], name=fresh_name(graph, f"{node.name}_Gemm")),
+                 NewNode("Reshape", [product, out_target], list(add.outputs), name=add.name)]
+    return edit
+
+
 class FuseMatMulAdd(RewritePass):
     name = "fuse_matmul_add"
-    description = "fuse a 2-D MatMul followed by a bias Add into one Gemm"
+    description = "fuse a 2-D MatMul (or one fed by a Reshape) followed by a bias Add into one Gemm"
     stage = "simplify"
     order = 600
     anchors = ("MatMul",)
@@ -92,12 +172,16 @@ class FuseMatMulAdd(RewritePass):
         a_shape, b_shape = _shape(a), _shape(b)
         if a_shape is None or b_shape is None:
             return "MatMul operand rank unknown"
-        if len(a_shape) != 2 or len(b_shape) != 2:
+        if len(b_shape) != 2 or len(a_shape) < 2:
             return (f"MatMul of ranks {len(a_shape)}x{len(b_shape)}: Gemm is 2-D only "
                     f"(a Reshape-Gemm-Reshape would add nodes)")
         problem = _dtype_problem(a.dtype if a.dtype is not None else out.dtype, ctx.opset)
         if problem:
             return problem
+        if len(a_shape) > 2:
+            if ctx.opset < 7:
+                return "Gemm with a broadcast bias and Reshape-by-input need opset >= 7"
+            return _plan_reshaped(node, add, bias, graph)
         problem = _bias_problem(_shape(bias), a_shape[0], b_shape[1])
         if problem:
             return problem

@@ -6,6 +6,11 @@ allowzero=1) depends only on that count, so P can be skipped. A 0 (copy that dim
 it copies a dim of x as well (P is a Reshape copying the same dim, or Flatten(axis=1) at dim 0),
 replaced by the intermediate dim when that is statically known, and declined otherwise. The
 second Reshape is rewritten; P stays while others read it, else dead-code elimination drops it.
+
+A Squeeze, Unsqueeze or Flatten (or a Reshape whose target cannot be resolved) fed by P, whose
+output shape is fully static, becomes Reshape(x, that shape) when P has no other reader: the
+two nodes become one (Reshape -> Unsqueeze in attention heads). With another reader P would stay
+and nothing would be saved, so that case is declined.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_opt.graph import (Edit, NewNode, Node, attr, constant_value, is_standard, make_constant,
-                                sole_producer)
+                                single_consumer, sole_producer, walk_graphs)
 from onnxslim_opt.pass_api import PassContext, PassResult, RewritePass
 from onnxslim_opt.shape_inference import ensure_shapes
 
@@ -73,8 +78,8 @@ def resolve_target(first: Node, second: Node) -> list[int] | str:
 
 
 def _first(node: Node) -> Optional[Node]:
-    """The shape-only node feeding this Reshape, if any."""
-    if node.op != "Reshape" or len(node.inputs) < 2:
+    """The shape-only node feeding this shape-only node, if any."""
+    if node.op not in SHAPE_ONLY or not node.inputs or (node.op == "Reshape" and len(node.inputs) < 2):
         return None
     first = sole_producer(node.inputs[0])
     if first is None or first.op not in SHAPE_ONLY or not is_standard(first) or not first.inputs:
@@ -85,20 +90,52 @@ def _first(node: Node) -> Optional[Node]:
 def _copies_unknown_dim(node: Node) -> bool:
     """A merge candidate whose target copies a dim (0) of an intermediate of unknown shape."""
     first = _first(node)
-    target = _target(node) if first is not None else None
+    if first is None or node.op != "Reshape":
+        return False
+    target = _target(node)
     return (target is not None and 0 in target and not attr(node, "allowzero", 0)
             and first.outputs[0].shape is None)
 
 
+def _needs_static_shape(graph: gs.Graph, node: Node) -> bool:
+    """A Squeeze/Unsqueeze/Flatten fed by a single-reader shape-only op, whose static output shape
+    is not known yet (shapes, once known, stay true: lossless rewrites never change a value)."""
+    if node.op == "Reshape" or not is_standard(node) or static_shape(node.outputs[0]) is not None:
+        return False
+    first = _first(node)
+    return first is not None and single_consumer(graph, first.outputs[0]) is node
+
+
+def static_shape(tensor: gs.Tensor) -> Optional[list[int]]:
+    """The tensor's shape if every dim is a known positive int (0-sized tensors are left alone)."""
+    shape = tensor.shape
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _merge_static(first: Node, node: Node, graph: gs.Graph) -> Edit | str:
+    """Replace `node` by Reshape(first's input, node's static output shape) when `first` dies."""
+    if single_consumer(graph, first.outputs[0]) is not node:
+        return f"{first.op} -> {node.op}: {first.op} has other readers, so merging would not remove a node"
+    shape = static_shape(node.outputs[0])
+    if shape is None:
+        return f"{first.op} -> {node.op}: output shape is not fully static"
+    target = make_constant(graph, f"{node.name}_shape", np.array(shape, dtype=np.int64))
+    return Edit(add=[NewNode("Reshape", [first.inputs[0], target], [node.outputs[0]], name=node.name)],
+                remove=[node])
+
+
 class MergeReshapes(RewritePass):
     name = "merge_reshapes"
-    description = "skip a Reshape/Flatten/Squeeze/Unsqueeze feeding a Reshape whose target is input-independent"
+    description = ("skip a Reshape/Flatten/Squeeze/Unsqueeze feeding a Reshape whose target is input-independent, "
+                   "or feeding a shape-only op of static output shape")
     stage = "simplify"
     order = 310
-    anchors = ("Reshape",)
+    anchors = SHAPE_ONLY
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if any(_copies_unknown_dim(n) for n in graph.nodes):
+        if any(_copies_unknown_dim(n) or _needs_static_shape(g, n) for g in walk_graphs(graph) for n in g.nodes):
             ensure_shapes(graph, ctx)
         return super().run(graph, ctx)
 
@@ -106,9 +143,12 @@ class MergeReshapes(RewritePass):
         first = _first(node)
         if first is None:
             return None
+        if node.op != "Reshape":
+            return _merge_static(first, node, graph) if ctx.opset >= 5 else "Reshape needs opset >= 5"
         target = resolve_target(first, node)
         if isinstance(target, str):
-            return target
+            merged = _merge_static(first, node, graph)
+            return merged if isinstance(merged, Edit) else target
         shape = node.inputs[1]
         if target != _target(node):
             shape = make_constant(graph, f"{node.name}_shape", np.array(target, dtype=np.int64))

@@ -29,11 +29,11 @@ def build(bias_shape, a_shape=(4, 3), b_shape=(3, 5), bias_first=False, bias_con
     return make_model(nodes, inputs, [vinfo("y", list(out_shape), dtype)], inits)
 
 
-def check(model, expect_ops):
+def check(model, expect_ops, any_order=False):
     out, report = optimize_with(model, PASSES)
     assert report.validation["status"] == "passed"
     assert_same_outputs(model, out)
-    assert ops(out) == expect_ops
+    assert (sorted(ops(out)) == sorted(expect_ops)) if any_order else ops(out) == expect_ops
     return out, report
 
 
@@ -116,3 +116,65 @@ def test_inside_if_branch():
         assert_same_outputs(model, out, feeds=[feed])
     for attr in out.graph.node[0].attribute:
         assert [n.op_type for n in attr.g.node] == ["Gemm"]
+
+
+# ---- MatMul(Reshape(X), W) + bias with A of rank > 2: Reshape(Gemm(X, W, bias))
+def reshaped(x_shape, target, w_shape=(4, 5), bias_shape=(5,), out_shape=None, tail=(), outputs=(), inits=(),
+             extra=()):
+    """x -> Reshape(target) -> MatMul(w) -> Add(b) -> [tail nodes]; y is the last node's output."""
+    nodes = [helper.make_node("Reshape", ["x", "t"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["y" if not tail else "s"]), *tail, *extra]
+    out_shape = out_shape or list(target[:-1]) + [w_shape[1]]
+    return make_model(nodes, [vinfo("x", list(x_shape))], [vinfo("y", out_shape), *outputs],
+                      [tensor("t", np.array(target, dtype=np.int64)), tensor("w", rand(*w_shape)),
+                       tensor("b", rand(*bias_shape)), *inits])
+
+
+@pytest.mark.parametrize("bias_shape", [(5,), (1, 5), (), (1,)])
+def test_reshaped_rank2_input_becomes_gemm_reshape(bias_shape):
+    out, _ = check(reshaped((6, 4), [2, 3, 4], bias_shape=bias_shape), ["Gemm", "Reshape"])
+    assert out.graph.node[0].input[0] == "x" and out.graph.output[0].name == "y"
+
+
+def test_reshaped_dynamic_rows_use_input_target():
+    model = reshaped(("n", 4), [-1, 1, 4], out_shape=["n", 1, 5])
+    out, report = optimize_with(model, PASSES, input_shapes=None)
+    assert ops(out) == ["Gemm", "Reshape"], pass_stats(report, "fuse_matmul_add")["rejections"]
+    assert_same_outputs(model, out, shapes={"x": [7, 4]})
+
+
+def test_reshaped_rank3_input_when_a_shape_op_follows():
+    # [1,6,4] -> [6,1,4] @ W + b -> [6,1,5] -> Unsqueeze: Reshape, Gemm, Reshape once the Reshapes merge
+    tail = [helper.make_node("Unsqueeze", ["s", "ax"], ["y"])]
+    model = reshaped((1, 6, 4), [6, 1, 4], tail=tail, out_shape=[1, 6, 1, 5],
+                     inits=[tensor("ax", np.array([0], dtype=np.int64))])
+    out, report = optimize_with(model, ["fuse_matmul_add", "merge_reshapes", "eliminate_dead_code"])
+    assert ops(out) == ["Reshape", "Gemm", "Reshape"], pass_stats(report, "fuse_matmul_add")["rejections"]
+    assert_same_outputs(model, out)
+
+
+def test_reshaped_rank3_input_declined_without_a_following_shape_op():
+    out, report = check(reshaped((1, 6, 4), [6, 1, 4]), ["Reshape", "MatMul", "Add"])
+    assert any("no shape op to merge" in r for r in pass_stats(report, "fuse_matmul_add")["rejections"])
+
+
+def test_reshaped_rank2_input_with_other_last_dim_is_not_fed_directly():
+    # X [6,4] -> [2,6,2]: rows of A are not rows of X, so Gemm(X) would be wrong; declined (no follower)
+    out, _ = check(reshaped((6, 4), [2, 6, 2], w_shape=(2, 5)), ["Reshape", "MatMul", "Add"])
+
+
+def test_reshaped_declines_reshape_with_other_reader():
+    model = reshaped((6, 4), [2, 3, 4], outputs=[vinfo("z", [2, 3, 4])], extra=[helper.make_node("Relu", ["a"], ["z"])])
+    out, report = check(model, ["Reshape", "MatMul", "Add", "Relu"], any_order=True)
+    assert any("other readers" in r for r in pass_stats(report, "fuse_matmul_add")["rejections"])
+
+
+def test_reshaped_declines_row_bias_and_plain_3d():
+    check(reshaped((6, 4), [2, 3, 4], bias_shape=(3, 5)), ["Reshape", "MatMul", "Add"])
+    check(build((5,), a_shape=(2, 3, 4), b_shape=(4, 5)), ["MatMul", "Add"])
+
+
+def test_reshaped_shared_weight_kept_for_other_matmul():
+    model = reshaped((6, 4), [2, 3, 4], outputs=[vinfo("z", [6, 5])], extra=[helper.make_node("MatMul", ["x", "w"], ["z"])])
+    out, _ = check(model, ["Gemm", "Reshape", "MatMul"], any_order=True)
+    assert sum(1 for t in out.graph.initializer if t.name == "w") == 1

@@ -141,3 +141,64 @@ def test_shared_target_constant_is_not_modified():
     inits = {t.name: numpy_helper.to_array(t).tolist() for t in out.graph.initializer}
     assert inits["target"] == [0, 2, 2] and [6, 2, 2] in inits.values()
     assert_same_outputs(model, out)
+
+
+# ---- a shape-only op of static output shape fed by another: one Reshape to that shape
+def second_chain(nodes, x_shape, y_shape, inits=(), outputs=()):
+    return make_model([*nodes, N("Neg", ["r"], ["y"])], [vinfo("x", list(x_shape))],
+                      [vinfo("y", list(y_shape)), *outputs], [c("s1", [4, 1, 6]), c("ax", [0]), *inits])
+
+
+SECONDS = {
+    "unsqueeze": (N("Unsqueeze", ["m", "ax"], ["r"]), [1, 4, 1, 6]),
+    "squeeze": (N("Squeeze", ["m", "ax1"], ["r"]), [4, 6]),
+    "flatten": (N("Flatten", ["m"], ["r"], axis=2), [4, 6]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SECONDS))
+def test_reshape_then_static_shape_op_merged(kind):
+    second, y_shape = SECONDS[kind]
+    model = second_chain([N("Reshape", ["x", "s1"], ["m"]), second], (2, 3, 4), y_shape, [c("ax1", [1])])
+    out, _ = check(model, ["Reshape", "Neg"])
+    assert target_of(out) == y_shape
+
+
+def test_unsqueeze_then_squeeze_chain_collapses():
+    nodes = [N("Reshape", ["x", "s1"], ["m"]), N("Unsqueeze", ["m", "ax"], ["u"]), N("Squeeze", ["u", "ax2"], ["r"])]
+    model = second_chain(nodes, (2, 3, 4), [1, 4, 6], [c("ax2", [2])])
+    out, _ = check(model, ["Reshape", "Neg"])
+    assert target_of(out) == [1, 4, 6]
+
+
+def test_static_merge_declined_when_first_has_other_reader():
+    nodes = [N("Reshape", ["x", "s1"], ["m"]), N("Unsqueeze", ["m", "ax"], ["r"]), N("Relu", ["m"], ["z"])]
+    model = second_chain(nodes, (2, 3, 4), [1, 4, 1, 6], outputs=[vinfo("z", [4, 1, 6])])
+    out, report = optimize_with(model, PASSES)
+    assert Counter(ops(out)) == Counter(["Reshape", "Unsqueeze", "Neg", "Relu"])
+    assert any("other readers" in r for r in pass_stats(report, "merge_reshapes")["rejections"])
+    assert_same_outputs(model, out)
+
+
+def test_static_merge_declined_for_dynamic_shape():
+    nodes = [N("Reshape", ["x", "s"], ["m"]), N("Unsqueeze", ["m", "ax"], ["r"])]
+    model = second_chain(nodes, ("n", 3, 4), ["n", 1, 12], [c("s", [-1, 12])])
+    out, report = optimize_with(model, PASSES)
+    assert ops(out) == ["Reshape", "Unsqueeze", "Neg"]
+    assert any("not fully static" in r for r in pass_stats(report, "merge_reshapes")["rejections"])
+    assert_same_outputs(model, out, shapes={"x": [5, 3, 4]})
+
+
+def test_static_merge_inside_if_branch():
+    def branch(tag):
+        nodes = [N("Reshape", ["x", "s1"], [tag + "_m"]), N("Unsqueeze", [tag + "_m", "ax"], [tag + "_y"])]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(tag + "_y", 1, None)])
+    model = make_model([N("If", ["cond"], ["y"], then_branch=branch("t"), else_branch=branch("e"))],
+                       [vinfo("cond", [], 9), vinfo("x", [2, 3, 4])], [vinfo("y", [1, 4, 1, 6])],
+                       [c("s1", [4, 1, 6]), c("ax", [0])])
+    out, _ = optimize_with(model, PASSES)
+    for flag in (True, False):
+        feed = {"cond": np.array(flag), "x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
+        assert_same_outputs(model, out, feeds=[feed])
+    for a in out.graph.node[0].attribute:
+        assert [n.op_type for n in a.g.node] == ["Reshape"]
