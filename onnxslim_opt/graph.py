@@ -150,6 +150,39 @@ def constant_node_value(node: Node) -> Optional[np.ndarray]:
     return None
 
 
+def tensor_shape(tensor: Tensor) -> Optional[list]:
+    """The tensor's shape if known (dims may be symbolic strings or None); never loads weights."""
+    shape = tensor.shape
+    return None if shape is None else list(shape)
+
+
+def static_shape(tensor: Tensor) -> Optional[list[int]]:
+    """The tensor's shape if every dim is a known positive int (0-sized tensors are left alone)."""
+    shape = tensor.shape
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def onnx_dtype(dtype: Any) -> Optional[int]:
+    """TensorProto element type of a gs dtype (gs keeps exotic types as the ONNX enum)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        return dtype
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def optional_input(node: Node, index: int) -> Optional[Tensor]:
+    """Input `index`, or None when absent or given as the empty name."""
+    if index < len(node.inputs) and node.inputs[index].name != "":
+        return node.inputs[index]
+    return None
+
+
 def is_constant(tensor: Optional[Tensor]) -> bool:
     return tensor is not None and (isinstance(tensor, gs.Constant) or (
         sole_producer(tensor) is not None and sole_producer(tensor).op == "Constant"))

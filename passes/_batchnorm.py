@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_opt.graph import (Edit, NewNode, Node, attr, constant_value, fresh_name, is_graph_output,
+from onnxslim_opt.graph import (Edit, NewNode, Node, attr, constant_value, fresh_name, is_graph_output, optional_input,
                                 is_standard, make_constant, single_consumer, sole_producer)
 from onnxslim_opt.pass_api import PassContext
 
@@ -25,13 +25,6 @@ def float_constant(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
     if value is None or np.asarray(value).dtype not in FLOAT_DTYPES:
         return None
     return np.asarray(value)
-
-
-def optional_input(node: Node, index: int) -> Optional[gs.Tensor]:
-    """Input `index` of `node`, or None when absent or given as the empty name."""
-    if len(node.inputs) <= index or not node.inputs[index].name:
-        return None
-    return node.inputs[index]
 
 
 def bn_producer(bn: Node, graph: gs.Graph, ops: tuple[str, ...]) -> Optional[Node | str]:

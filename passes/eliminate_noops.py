@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim_opt.graph import Edit, Node, attr, bypass, constant_value, is_graph_output
+from onnxslim_opt.graph import (Edit, Node, attr, bypass, constant_value, is_graph_output, onnx_dtype,
+                                optional_input, tensor_shape)
 from onnxslim_opt.pass_api import PassContext, PassResult, RewritePass
 from onnxslim_opt.shape_inference import ensure_shapes
 
@@ -25,37 +25,12 @@ Verdict = Union[int, str, None]
 
 
 # ----------------------------------------------------------------------------- helpers (candidates for the core)
-def _shape(tensor: gs.Tensor) -> Optional[list]:
-    if isinstance(tensor, gs.Constant):
-        return list(tensor.values.shape)
-    return None if tensor.shape is None else list(tensor.shape)
-
-
-def _onnx_type(dtype) -> Optional[int]:
-    """TensorProto element type of a gs dtype (gs keeps exotic types as the ONNX enum)."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, int):
-        return dtype
-    try:
-        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    except (TypeError, KeyError, ValueError):
-        return None
-
-
-def _input(node: Node, i: int) -> Optional[gs.Tensor]:
-    """Input i, or None when absent or given as the empty name."""
-    if i < len(node.inputs) and node.inputs[i].name != "":
-        return node.inputs[i]
-    return None
-
-
 def _ints(node: Node, ctx: PassContext, name: str, index: int, since: int) -> Optional[list[int]]:
     """An int list given as an attribute before opset `since` and as a constant input from it on.
     Returns [] when absent, None when given but not constant."""
     if ctx.opset < since:
         return [int(v) for v in attr(node, name, [])]
-    tensor = _input(node, index)
+    tensor = optional_input(node, index)
     if tensor is None:
         return []
     value = constant_value(tensor)
@@ -83,7 +58,7 @@ def _dropout(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
         return "Dropout mask output is used"
     if ctx.opset < 7 and not attr(node, "is_test", 0):
         return "Dropout in training mode (is_test=0)"
-    training = _input(node, 2)
+    training = optional_input(node, 2)
     if training is not None:
         value = constant_value(training)
         if value is None:
@@ -94,14 +69,14 @@ def _dropout(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
 
 
 def _cast(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
-    source = _onnx_type(node.inputs[0].dtype)
+    source = onnx_dtype(node.inputs[0].dtype)
     if source is None:
         return "input element type unknown"
     return 0 if source == attr(node, "to") else None
 
 
 def _cast_like(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
-    source, target = _onnx_type(node.inputs[0].dtype), _onnx_type(node.inputs[1].dtype)
+    source, target = onnx_dtype(node.inputs[0].dtype), onnx_dtype(node.inputs[1].dtype)
     if source is None or target is None:
         return "element types unknown"
     return 0 if source == target else None
@@ -110,7 +85,7 @@ def _cast_like(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
 def _transpose(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
     perm = attr(node, "perm")
     if perm is None:  # default reverses the dims: identity only up to rank 1
-        shape = _shape(node.inputs[0])
+        shape = tensor_shape(node.inputs[0])
         if shape is None:
             return "Transpose without perm on an input of unknown rank"
         return 0 if len(shape) <= 1 else None
@@ -118,10 +93,10 @@ def _transpose(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
 
 
 def _reshape(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
-    target = constant_value(_input(node, 1))
+    target = constant_value(optional_input(node, 1))
     if target is None:
         return None
-    shape = _shape(node.inputs[0])
+    shape = tensor_shape(node.inputs[0])
     if shape is None:
         return "input shape unknown"
     target = [int(v) for v in np.asarray(target).reshape(-1)]
@@ -142,7 +117,7 @@ def _squeeze(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
     axes = _ints(node, ctx, "axes", 1, 13)
     if axes is None or axes:
         return None
-    shape = _shape(node.inputs[0])
+    shape = tensor_shape(node.inputs[0])
     if shape is None or not all(isinstance(d, int) for d in shape):
         return "Squeeze without axes on an input whose dims may be 1"
     return 0 if 1 not in shape else None
@@ -154,7 +129,7 @@ def _unsqueeze(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
 
 
 def _flatten(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
-    shape = _shape(node.inputs[0])
+    shape = tensor_shape(node.inputs[0])
     if shape is None:
         return "input rank unknown"
     if len(shape) != 2:
@@ -188,7 +163,7 @@ def _slice(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
         steps = steps or [1] * len(starts)
     if any(s != 1 for s in steps):
         return None
-    shape = _shape(node.inputs[0])
+    shape = tensor_shape(node.inputs[0])
     if shape is None and any(a < 0 for a in axes):
         return "input rank unknown"
     for start, end, axis in zip(starts, ends, axes):
@@ -200,10 +175,10 @@ def _slice(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
 
 
 def _expand(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
-    target = constant_value(_input(node, 1))
+    target = constant_value(optional_input(node, 1))
     if target is None:
         return None
-    shape = _shape(node.inputs[0])
+    shape = tensor_shape(node.inputs[0])
     if shape is None:
         return "input shape unknown"
     return 0 if _fits([int(v) for v in np.asarray(target).reshape(-1)], shape) else None
@@ -212,7 +187,7 @@ def _expand(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
 def _pad(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
     """Zero pads copy the input whatever the mode."""
     pads = _ints(node, ctx, "pads", 1, 11)
-    if pads is None or (ctx.opset >= 11 and _input(node, 1) is None):
+    if pads is None or (ctx.opset >= 11 and optional_input(node, 1) is None):
         return None
     return 0 if not any(pads) else None
 
@@ -229,7 +204,7 @@ def _neutral(identity: float, const_sides: tuple[int, ...]) -> Callable[[Node, g
             other = node.inputs[1 - side]
             if value.ndim == 0:
                 return 1 - side
-            if _fits(value.shape, _shape(other)):
+            if _fits(value.shape, tensor_shape(other)):
                 return 1 - side
             return f"{node.op} by a neutral constant of shape {list(value.shape)} could broadcast the other input"
         return None

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxslim_opt.graph import (Edit, NewNode, constant_node_value, constant_value, fresh_name, is_constant,
-                                is_graph_output, is_standard, walk_graphs)
+                                is_graph_output, is_standard, onnx_dtype, walk_graphs)
 from onnxslim_opt.pass_api import Pass, PassContext, PassResult
 from onnxslim_opt.shape_inference import ensure_shapes
 
@@ -238,17 +237,6 @@ def _static_shape_value(node: gs.Node) -> Optional[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- folding
-def _onnx_dtype(dtype) -> Optional[int]:
-    if dtype is None:
-        return None
-    if isinstance(dtype, int):
-        return dtype
-    try:
-        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    except (TypeError, KeyError, ValueError):
-        return None
-
-
 def _known_nbytes(tensor: gs.Tensor) -> Optional[int]:
     shape, dtype = tensor.shape, tensor.dtype
     if shape is None or dtype is None or not all(map(_static_dim, shape)):
@@ -301,7 +289,7 @@ class _Folder:
         count = 0
         for node in g.nodes:
             if node.op == "CastLike" and is_standard(node) and is_constant(node.inputs[0]):
-                to = _onnx_dtype(node.inputs[1].dtype)
+                to = onnx_dtype(node.inputs[1].dtype)
                 if to is None:
                     continue
                 node.op = "Cast"

@@ -21,19 +21,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_opt.graph import (Edit, NewNode, Node, constant_value, fresh_name, is_standard, make_constant,
-                                single_consumer, sole_producer, walk_graphs)
+                                single_consumer, sole_producer, static_shape, tensor_shape,
+                                walk_graphs)
 from onnxslim_opt.pass_api import PassContext, PassResult, RewritePass
 from onnxslim_opt.shape_inference import ensure_shapes
 
 _FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 _INTS = {np.dtype(t) for t in (np.int32, np.int64, np.uint32, np.uint64)}
-
-
-def _shape(tensor: gs.Tensor) -> Optional[Sequence]:
-    """Shape of a tensor if known (constants always know theirs)."""
-    if isinstance(tensor, gs.Constant):
-        return tensor.values.shape
-    return tensor.shape
 
 
 def _dtype_problem(dtype, opset: int) -> Optional[str]:
@@ -76,15 +70,9 @@ def _bias_problem(bias_shape: Optional[Sequence], m, n) -> Optional[str]:
     return None
 
 
-def _static(shape: Optional[Sequence]) -> Optional[list[int]]:
-    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-        return None
-    return [int(d) for d in shape]
-
-
 def _output_target(reshape: Node, out: gs.Tensor, n: int) -> Optional[list[int]]:
     """A constant target giving the MatMul's output shape from a [M, N] product, or None."""
-    static = _static(out.shape)
+    static = static_shape(out)
     if static is not None:
         return static
     target = constant_value(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
@@ -103,13 +91,13 @@ def _merges_after(graph: gs.Graph, tensor: gs.Tensor) -> bool:
         return False
     if reader.op == "Reshape":
         return len(reader.inputs) > 1 and constant_value(reader.inputs[1]) is not None
-    return reader.op in ("Squeeze", "Unsqueeze", "Flatten") and _static(reader.outputs[0].shape) is not None
+    return reader.op in ("Squeeze", "Unsqueeze", "Flatten") and static_shape(reader.outputs[0]) is not None
 
 
 def _plan_reshaped(node: Node, add: Node, bias: gs.Tensor, graph: gs.Graph) -> Edit | str:
     """MatMul(Reshape(X), W) + bias as Reshape(Gemm(X2, W, bias)); see the module docstring."""
     a, b = node.inputs
-    rank = len(_shape(a))
+    rank = len(tensor_shape(a))
     plain = f"MatMul of ranks {rank}x2: Gemm is 2-D only (a Reshape-Gemm-Reshape would add nodes)"
     reshape = sole_producer(a)
     if reshape is None or reshape.op != "Reshape" or not is_standard(reshape) or len(reshape.inputs) < 2:
@@ -122,7 +110,7 @@ def _plan_reshaped(node: Node, add: Node, bias: gs.Tensor, graph: gs.Graph) -> E
     k, n = (int(d) for d in w.shape)
     if k == 0 or n == 0:
         return "empty weight"
-    bias_shape = _shape(bias)
+    bias_shape = tensor_shape(bias)
     if bias_shape is None or tuple(bias_shape) not in ((), (1,), (n,), (1, 1), (1, n)):
         return f"bias shape {bias_shape} is not [N], [1, N] or a scalar"
     target = _output_target(reshape, node.outputs[0], n)
@@ -169,7 +157,7 @@ class FuseMatMulAdd(RewritePass):
             return "Add adds the MatMul output to itself"
         bias = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
         a, b = node.inputs
-        a_shape, b_shape = _shape(a), _shape(b)
+        a_shape, b_shape = tensor_shape(a), tensor_shape(b)
         if a_shape is None or b_shape is None:
             return "MatMul operand rank unknown"
         if len(b_shape) != 2 or len(a_shape) < 2:
@@ -182,7 +170,7 @@ class FuseMatMulAdd(RewritePass):
             if ctx.opset < 7:
                 return "Gemm with a broadcast bias and Reshape-by-input need opset >= 7"
             return _plan_reshaped(node, add, bias, graph)
-        problem = _bias_problem(_shape(bias), a_shape[0], b_shape[1])
+        problem = _bias_problem(tensor_shape(bias), a_shape[0], b_shape[1])
         if problem:
             return problem
         return Edit(add=[NewNode("Gemm", [a, b, bias], list(add.outputs), name=add.name)], remove=[node, add])

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_opt.graph import (Edit, NewNode, Node, attr, constant_value, is_standard, make_constant,
-                                single_consumer, sole_producer, walk_graphs)
+                                single_consumer, sole_producer, static_shape, walk_graphs)
 from onnxslim_opt.pass_api import PassContext, PassResult, RewritePass
 from onnxslim_opt.shape_inference import ensure_shapes
 
@@ -104,14 +104,6 @@ def _needs_static_shape(graph: gs.Graph, node: Node) -> bool:
         return False
     first = _first(node)
     return first is not None and single_consumer(graph, first.outputs[0]) is node
-
-
-def static_shape(tensor: gs.Tensor) -> Optional[list[int]]:
-    """The tensor's shape if every dim is a known positive int (0-sized tensors are left alone)."""
-    shape = tensor.shape
-    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-        return None
-    return [int(d) for d in shape]
 
 
 def _merge_static(first: Node, node: Node, graph: gs.Graph) -> Edit | str:

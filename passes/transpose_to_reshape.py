@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_opt.graph import (Edit, NewNode, Node, attr, is_standard, make_constant, single_consumer,
-                                sole_producer, walk_graphs)
+                                sole_producer, static_shape, walk_graphs)
 from onnxslim_opt.pass_api import PassContext, PassResult, RewritePass
 from onnxslim_opt.shape_inference import ensure_shapes
 
@@ -24,14 +24,6 @@ def moves_only_unit_axes(shape: list[int], perm: list[int]) -> bool:
     """True when the non-1 axes appear in `perm` in increasing order (no data moves)."""
     moved = [p for p in perm if shape[p] != 1]
     return moved == sorted(moved)
-
-
-def _static(tensor: gs.Tensor) -> Optional[list[int]]:
-    """The tensor's shape if every dim is a known positive int."""
-    shape = tensor.shape
-    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-        return None
-    return [int(d) for d in shape]
 
 
 def _is_transpose(node: Optional[Node]) -> bool:
@@ -47,7 +39,7 @@ class TransposeToReshape(RewritePass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         # the rewrite needs static input shapes; known ones stay true (lossless rewrites keep values)
-        if any(_is_transpose(n) and n.inputs and _static(n.inputs[0]) is None
+        if any(_is_transpose(n) and n.inputs and static_shape(n.inputs[0]) is None
                for g in walk_graphs(graph) for n in g.nodes):
             ensure_shapes(graph, ctx)
         return super().run(graph, ctx)
@@ -58,7 +50,7 @@ class TransposeToReshape(RewritePass):
         x = node.inputs[0]
         if isinstance(x, gs.Constant):
             return None  # fold_constants' job
-        shape = _static(x)
+        shape = static_shape(x)
         if shape is None:
             return "input shape is not fully static"
         perm = attr(node, "perm")
