@@ -128,7 +128,12 @@ def _compare_floats(name: str, ref_arr: np.ndarray, got_arr: np.ndarray, rtol: f
     finite = ~ok_special & np.isfinite(r) & np.isfinite(g)
     rn, gn = np.linalg.norm(r[finite]), np.linalg.norm(g[finite])
     cosine = float(np.dot(r[finite], g[finite]) / (rn * gn)) if rn > 0 and gn > 0 else (1.0 if rn == gn else 0.0)
-    matches = bool(np.all(ok_special | (diff <= atol + rtol * np.abs(np.nan_to_num(r)))))
+    # Float rounding in a deep network scales with the magnitude of the sums that produced an
+    # element, not with the element itself: an output near zero in a tensor of values ~1000
+    # legitimately differs by more than rtol of itself after any reassociation (ONNX Runtime's
+    # own BN folding does). So the relative part is measured against |ref| plus the output's RMS.
+    rms = float(np.sqrt(np.mean(np.square(r[finite])))) if finite.any() else 0.0
+    matches = bool(np.all(ok_special | (diff <= atol + rtol * (np.abs(np.nan_to_num(r)) + rms))))
     return OutputComparison(name, max_abs, max_rel, cosine, matches)
 
 
