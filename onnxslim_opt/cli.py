@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -97,6 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING),
                         format="optimize: %(levelname)s: %(message)s", stream=sys.stderr)
+    _quiet_graphsurgeon(args.debug)
     if args.list_passes:
         print(list_passes())
         return 0
@@ -115,7 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             overwrite=args.overwrite, debug=args.debug, fold_size_limit=args.fold_size_limit,
             custom_op_libraries=args.custom_op_library, progress=_progress_printer(args),
         )
-        outcome = run(source, output, options, keep_model=False)
+        # libraries (onnx-graphsurgeon) print warnings to stdout; stdout is the report's when `--report -`
+        with contextlib.redirect_stdout(sys.stderr):
+            outcome = run(source, output, options, keep_model=False)
         report = outcome.report
         code = 0
     except OptimizeError as exc:
@@ -152,6 +156,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"optimize: error: cannot write report {args.report}: {exc.strerror}", file=sys.stderr)
                     return 2
     return code
+
+
+def _quiet_graphsurgeon(debug: bool) -> None:
+    """onnx-graphsurgeon logs routine warnings (dtype guesses, missing `colored`) that say nothing
+    to a user of this command; show them only with --debug. The CLI owns its process, so it may
+    set the library's logger; the Python API leaves it alone."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.WARNING if debug else G_LOGGER.CRITICAL
 
 
 def _progress_printer(args):
