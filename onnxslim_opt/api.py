@@ -14,7 +14,7 @@ import onnx
 from .errors import OptimizeError, ValidationFailed
 from .graph import export_model, export_skeleton, import_graph, node_count, op_histogram, weight_stats
 from .model_io import StagedModel, check_opset, default_opset, load_model_sized
-from .pass_api import PassContext
+from .pass_api import STAGES, PassContext
 from .pipeline import PassManager
 from .registry import registry
 from .report import ModelSummary, Report
@@ -45,6 +45,11 @@ class OptimizeOptions:
     fold_size_limit: int = 1 << 20
     custom_op_libraries: Sequence[str] = ()
     progress: Optional[Callable[[str], None]] = None
+    #: configured pass instances added to the run (e.g. from a pass's own CLI flags)
+    extra_passes: Sequence[Any] = ()
+    calibration: Optional[str] = None
+    calibration_random: int = 0
+    preprocess: Optional[str] = None
 
 
 @dataclass
@@ -79,12 +84,15 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
         check_shape_names(model, shapes)
         report = Report(input=label, output=str(output) if output is not None else None)
         samples = None
-        if opts.validate:  # settle validation inputs before any work, so bad specs fail fast
+        passes = _build_passes(opts)
+        lossy = [p.name for p in passes if not p.lossless]
+        specs: list = []
+        if opts.validate or lossy:  # settle inputs before any work, so bad specs fail fast
             specs, notes = resolve_input_specs(model, shapes)
             report.notes.extend(notes)
+        if opts.validate:
             samples = (load_inputs_file(opts.inputs_file, specs) if opts.inputs_file
                        else random_inputs(specs, opts.samples, opts.seed))
-        passes = _build_passes(opts)
         report.before = ModelSummary.of_model(model, file_bytes)
         listed_inits = {t.name for t in model.graph.initializer} & {i.name for i in model.graph.input}
         if listed_inits:
@@ -94,7 +102,9 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
 
         t = time.perf_counter()
         ctx = PassContext(opset=default_opset(model) or 0, input_shapes=shapes, fold_size_limit=opts.fold_size_limit,
-                          debug=opts.debug, custom_op_libraries=tuple(opts.custom_op_libraries))
+                          debug=opts.debug, custom_op_libraries=tuple(opts.custom_op_libraries), original=model,
+                          input_specs=specs, calibration=opts.calibration, calibration_random=opts.calibration_random,
+                          preprocess=opts.preprocess, seed=opts.seed)
         graph = import_graph(model)
         attach_file_backed_values(graph, source_path.parent)
         manager = PassManager(passes, ctx, model, progress=opts.progress)
@@ -124,7 +134,8 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
             timings["write"] = time.perf_counter() - t
             t = time.perf_counter()
             if samples is not None:
-                result = validate(source_path, staged.path, samples, opts.rtol, opts.atol, opts.custom_op_libraries)
+                result = validate(source_path, staged.path, samples, opts.rtol, opts.atol, opts.custom_op_libraries,
+                                  lossy=bool(lossy))
                 if result.status == "unavailable":
                     report.notes.append(f"outputs were NOT validated: {result.message}")
             else:
@@ -155,8 +166,11 @@ def _load_source(source: str | os.PathLike | onnx.ModelProto, scratch: Path
 
 
 def _build_passes(opts: OptimizeOptions) -> list:
+    extra = {p.name: p for p in opts.extra_passes}
     passes = [cls.with_options(**opts.pass_options[cls.name]) if opts.pass_options.get(cls.name) else cls()
-              for cls in registry.select(opts.passes, opts.skip)]
+              for cls in registry.select(opts.passes, opts.skip) if cls.name not in extra]
+    passes += list(extra.values())
+    passes.sort(key=lambda p: (STAGES.index(p.stage), p.order, p.name))
     for name in opts.pass_options:
         if name not in {p.name for p in passes}:
             raise OptimizeError(f"options given for pass {name!r}, which is not in this run")

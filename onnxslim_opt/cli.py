@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 from . import __version__
 from .api import OptimizeOptions, default_output_path, run
 from .errors import OptimizeError, ValidationFailed
+from .pass_api import Pass
 from .registry import registry
 
 log = logging.getLogger("onnxslim_opt")
@@ -43,9 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest constant folding may create (default 1MB; accepts kB/MB suffixes)")
     p.add_argument("--custom-op-library", action="append", default=[], metavar="SO",
                    help="ONNX Runtime custom-op library used for validation (repeatable)")
+    p.add_argument("--calibration", metavar="PATH",
+                   help="calibration data for data-driven passes: .npz, a directory of .npy/.npz, or images")
+    p.add_argument("--calibration-random", type=int, default=0, metavar="N",
+                   help="calibrate on N random samples instead (the report says the ranges mean nothing)")
+    p.add_argument("--preprocess", metavar="SPEC",
+                   help='image preprocessing for --calibration images, e.g. "resize=224,mean=...,std=...,layout=NCHW"')
     p.add_argument("--debug", action="store_true", help="check the graph after every pass; show tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--version", action="version", version=f"onnxslim-opt {__version__}")
+    for cls in registry.all():  # passes (plug-ins too) add their own flags, each in its own group
+        if cls.add_arguments.__func__ is not Pass.add_arguments.__func__:
+            cls.add_arguments(p.add_argument_group(f"pass {cls.name}", cls.description))
     return p
 
 
@@ -116,6 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             samples=args.samples, seed=args.seed, rtol=args.rtol, atol=args.atol, force=args.force,
             overwrite=args.overwrite, debug=args.debug, fold_size_limit=args.fold_size_limit,
             custom_op_libraries=args.custom_op_library, progress=_progress_printer(args),
+            extra_passes=[p for p in (cls.from_arguments(args) for cls in registry.all()) if p is not None],
+            calibration=args.calibration, calibration_random=args.calibration_random, preprocess=args.preprocess,
         )
         # libraries (onnx-graphsurgeon) print warnings to stdout; stdout is the report's when `--report -`
         with contextlib.redirect_stdout(sys.stderr):

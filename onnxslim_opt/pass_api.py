@@ -57,6 +57,18 @@ class PassContext:
     custom_op_libraries: tuple[str, ...] = ()
     #: set by the pass manager after a pass changed the graph; see shape_inference.ensure_shapes
     shapes_stale: bool = True
+    #: the input model as loaded (large weights may be on-disk stubs): the template for
+    #: graph.export_model when a pass needs a runnable model (e.g. to calibrate with ONNX Runtime)
+    original: Optional[Any] = None
+    #: the graph inputs with concrete shapes (specs.InputSpec), when they could be resolved
+    input_specs: list = field(default_factory=list)
+    #: user-given calibration data source (`--calibration`: .npz, directory, images), if any
+    calibration: Optional[str] = None
+    #: calibrate on this many random samples instead (`--calibration-random N`; ranges then mean nothing)
+    calibration_random: int = 0
+    #: preprocessing declared for image calibration data (`--preprocess`)
+    preprocess: Optional[str] = None
+    seed: int = 0
 
 
 class Pass:
@@ -87,6 +99,19 @@ class Pass:
         if unknown:
             raise ValueError(f"pass {cls.name} has no option(s) {sorted(unknown)}; it takes {sorted(known)}")
         return cls(cls.Options(**values))
+
+    @classmethod
+    def add_arguments(cls, group: Any) -> None:
+        """Add this pass's command-line flags to its argparse argument group (none by default).
+
+        Lets a pass, built-in or a user's plug-in, own flags such as `--quantize int8` without
+        the CLI knowing the pass."""
+
+    @classmethod
+    def from_arguments(cls, args: Any) -> Optional["Pass"]:
+        """An instance configured from parsed flags when they ask for this pass, else None.
+        Passes outside the default pipeline are enabled this way."""
+        return None
 
     def applicable(self, graph: gs.Graph, ctx: PassContext) -> bool:
         """Cheap test whether `run` could change anything; False skips the run (and its snapshot)."""

@@ -123,11 +123,13 @@ class Report:
         if self.validation:
             v = self.validation
             text = f"validation: {v['status']}"
-            if v["status"] in ("passed", "failed") and v["outputs"]:
+            if v["status"] in ("passed", "failed", "fidelity") and v["outputs"]:
                 worst = max(v["outputs"], key=lambda o: o["max_abs_diff"])
                 text += (f" ({v['samples']} samples, {len(v['outputs'])} outputs, max abs diff "
                          f"{worst['max_abs_diff']:.2g} on {worst['name']!r}, min cosine "
-                         f"{min(o['cosine'] for o in v['outputs']):.6f})")
+                         f"{min(o['cosine'] for o in v['outputs']):.6f}")
+                agreements = [o["top1_agreement"] for o in v["outputs"] if o.get("top1_agreement") is not None]
+                text += f", top-1 agreement {min(agreements):.4f})" if agreements else ")"
             if v["message"]:
                 text += f": {v['message']}"
             lines.append(text)

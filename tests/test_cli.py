@@ -242,3 +242,43 @@ def test_inputs_npz(small_model, tmp_path):
     np.savez(npz, x=np.ones((2, 5), np.float32))
     r = run_cli(small_model, "-o", tmp_path / "o.onnx", "--inputs", npz)
     assert r.returncode == 2 and "'x'" in r.stderr
+
+
+def test_plugin_pass_adds_its_own_flag_and_lossy_runs_report_fidelity(small_model, tmp_path):
+    code = f"""
+import sys
+from onnxslim_opt import Pass, PassResult, register_pass
+from onnxslim_opt.cli import main
+
+@register_pass
+class Shrink(Pass):
+    name = "shrink_weights"
+    description = "test plug-in: scales weights (lossy)"
+    lossless = False
+    stage = "transform"
+    default = False
+    def __init__(self, factor=1.0):
+        super().__init__()
+        self.factor = factor
+    @classmethod
+    def add_arguments(cls, group):
+        group.add_argument("--shrink", type=float, metavar="F", help="scale weights by F")
+    @classmethod
+    def from_arguments(cls, args):
+        return cls(args.shrink) if args.shrink is not None else None
+    def run(self, graph, ctx):
+        for t in graph.tensors().values():
+            if t.name == "w":
+                t.values = t.values * self.factor
+        return PassResult(changed=True, rewrites=1)
+sys.exit(main([{str(small_model)!r}, "-o", {str(tmp_path / 'o.onnx')!r}, "--shrink", "0.999", "--report", "-", "-q"]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["validation"]["status"] == "fidelity"
+    assert 0.999 < data["validation"]["outputs"][0]["cosine"] <= 1.0 + 1e-9
+    assert any(p["name"] == "shrink_weights" and p["rewrites"] == 1 for p in data["passes"])
+    help_text = subprocess.run([sys.executable, "-c", code.replace('"--shrink", "0.999", "--report", "-", "-q"', '"--help"')],
+                               capture_output=True, text=True, timeout=300).stdout
+    assert "--shrink F" in help_text and "pass shrink_weights" in help_text
