@@ -146,7 +146,7 @@ def _top1_agreement(refs: list, gots: list) -> Optional[float]:
         g = np.concatenate([np.asarray(x) for x in gots])
     except ValueError:
         return None
-    if r.ndim != 2 or r.shape[1] < 2 or r.dtype.kind != "f" or r.shape != g.shape:
+    if r.ndim != 2 or r.shape[0] == 0 or r.shape[1] < 2 or r.dtype.kind != "f" or r.shape != g.shape:
         return None
     return float(np.mean(r.argmax(1) == g.argmax(1)))
 
