@@ -387,7 +387,7 @@ def bypass(graph: Graph, node: Node, value: Tensor) -> "Edit | str":
 
 
 def make_constant(graph: Graph, base_name: str, value: np.ndarray) -> gs.Constant:
-    return gs.Constant(fresh_name(graph, base_name), np.ascontiguousarray(value))
+    return gs.Constant(fresh_name(graph, base_name), np.asarray(value, order="C"))  # keeps 0-d as 0-d
 
 
 def topological_sort(graph: Graph) -> None:

@@ -41,6 +41,8 @@ class PassStats:
     rejection_examples: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: what the pass reported in PassResult.details (later runs update earlier keys)
+    details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -128,6 +130,7 @@ class PassManager:
             stats.rejections[r.reason] = stats.rejections.get(r.reason, 0) + 1
             if len(stats.rejection_examples) < MAX_REJECTIONS_KEPT:
                 stats.rejection_examples.append({"node": r.node, "op": r.op, "reason": r.reason})
+        stats.details.update(result.details)
         for note in result.notes:
             if note not in stats.notes:
                 stats.notes.append(note)

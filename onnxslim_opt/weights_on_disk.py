@@ -215,6 +215,8 @@ def attach_file_backed_values(graph: gs.Graph, base_dir: Path) -> int:
             stub = values.tensor
             if stub.data_location == onnx.TensorProto.EXTERNAL and _numpy_dtype(stub.data_type) is not None:
                 tensor._values = FileBackedValues(stub, base_dir)
+                # where the bytes live is ours to track: once loaded, gs must export them inline
+                tensor.data_location = None
                 count += 1
     return count
 

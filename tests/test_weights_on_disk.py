@@ -98,3 +98,22 @@ def test_stream_and_in_memory_exports_agree(tmp_path):
     b = run(path, tmp_path / "b.onnx", OptimizeOptions(), keep_model=True)
     assert a.report.after.nodes == b.report.after.nodes
     assert_same_outputs(onnx.load(tmp_path / "a.onnx"), onnx.load(tmp_path / "b.onnx"), rtol=0, atol=0)
+
+
+def test_in_memory_export_of_weights_a_pass_loaded(tmp_path):
+    """push_transposes reads (and so loads) file-backed weights; the in-memory export must then
+    write them inline, not as stale external-data references."""
+    from util import MODELS
+
+    outcome = run(MODELS / "tf_style_nhwc.onnx", tmp_path / "t.onnx", OptimizeOptions(), keep_model=True)
+    assert outcome.report.validation["status"] == "passed"
+    onnx.checker.check_model(outcome.model, full_check=True)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in outcome.model.graph.initializer)
+
+
+def test_make_constant_keeps_scalars_scalar():
+    import onnx_graphsurgeon as gs
+    from onnxslim_opt.graph import make_constant
+
+    c = make_constant(gs.Graph(), "s", np.float32(2.0))
+    assert c.values.shape == ()
