@@ -11,7 +11,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import onnx
 
+from .benchmark import BenchmarkOptions, benchmark
 from .errors import OptimizeError, ValidationFailed
+from .gates import GatesFailed, accuracy, build_gates, evaluate, load_labels, metrics_of
 from .graph import export_model, export_skeleton, import_graph, node_count, op_histogram, weight_stats
 from .model_io import StagedModel, check_opset, default_opset, load_model_sized
 from .pass_api import STAGES, PassContext
@@ -50,6 +52,14 @@ class OptimizeOptions:
     calibration: Optional[str] = None
     calibration_random: int = 0
     preprocess: Optional[str] = None
+    #: benchmark both models on execution providers after validation (report section "benchmark")
+    benchmark: Optional[BenchmarkOptions] = None
+    #: gates such as "cosine<0.999" (fail when true); a failed gate raises GatesFailed, nothing written
+    fail_if: Sequence[str] = ()
+    max_accuracy_drop: Optional[float] = None
+    #: labels for top-1 accuracy: "FILE.npz" or "FILE.npz:KEY"; inputs come from inputs_file (or this file)
+    labels: Optional[str] = None
+    labels_output: Optional[str] = None
 
 
 @dataclass
@@ -85,13 +95,19 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
         report = Report(input=label, output=str(output) if output is not None else None)
         samples = None
         passes = _build_passes(opts)
+        gates = build_gates(opts.fail_if, opts.max_accuracy_drop)
+        inputs_file = opts.inputs_file or opts.labels and _labels_file(opts.labels)
+        labels = load_labels(opts.labels) if opts.labels else None
+        if opts.max_accuracy_drop is not None and labels is None:
+            raise OptimizeError("--max-accuracy-drop needs --labels FILE.npz (and --inputs, unless the labels "
+                                "file also holds the input arrays)")
         lossy = [p.name for p in passes if not p.lossless]
         specs: list = []
-        if opts.validate or lossy:  # settle inputs before any work, so bad specs fail fast
+        if opts.validate or lossy or opts.benchmark or labels is not None:  # settle inputs before any work, so bad specs fail fast
             specs, notes = resolve_input_specs(model, shapes)
             report.notes.extend(notes)
         if opts.validate:
-            samples = (load_inputs_file(opts.inputs_file, specs) if opts.inputs_file
+            samples = (load_inputs_file(inputs_file, specs) if inputs_file
                        else random_inputs(specs, opts.samples, opts.seed))
         report.before = ModelSummary.of_model(model, file_bytes)
         listed_inits = {t.name for t in model.graph.initializer} & {i.name for i in model.graph.input}
@@ -142,14 +158,43 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
                 result = ValidationResult("skipped", message="validation disabled (--no-validate)")
             report.validation = result.to_dict()
             timings["validate"] = time.perf_counter() - t
-            report.seconds = {k: round(v, 4) for k, v in timings.items()}
-            report.seconds["total"] = round(time.perf_counter() - t0, 4)
+            report.metrics = metrics_of(report.to_dict())
             if result.status == "failed" and not opts.force:
+                _finish_timings(report, timings, t0)
                 raise ValidationFailed(f"validation failed, nothing written: {result.message}", report)
+            if labels is not None:
+                t = time.perf_counter()
+                acc_samples = samples if samples is not None else load_inputs_file(inputs_file, specs)
+                report.accuracy = accuracy(source_path, staged.path, acc_samples, labels, opts.labels_output,
+                                           opts.custom_op_libraries)
+                timings["accuracy"] = time.perf_counter() - t
+            if opts.benchmark:
+                t = time.perf_counter()
+                report.benchmark = benchmark(source_path, staged.path, specs, opts.benchmark, original=model)
+                timings["benchmark"] = time.perf_counter() - t
+            report.metrics = metrics_of(report.to_dict())
+            _finish_timings(report, timings, t0)
+            if gates:
+                report.gates = evaluate(gates, report.metrics)
+                if not report.gates["passed"] and not opts.force:
+                    failed = [c["gate"] + f" ({c['message']})" for c in report.gates["checks"] if not c["passed"]]
+                    raise GatesFailed(f"gate(s) failed, nothing written: {'; '.join(failed)}", report)
             if output is not None:
                 staged.commit()
                 report.written = True
         return Outcome(optimized, report, Path(output) if output is not None else None)
+
+
+def _finish_timings(report: Report, timings: dict[str, float], t0: float) -> None:
+    report.seconds = {k: round(v, 4) for k, v in timings.items()}
+    report.seconds["total"] = round(time.perf_counter() - t0, 4)
+
+
+def _labels_file(spec: str) -> Optional[str]:
+    """A labels file that also holds the model's input arrays serves as --inputs."""
+    from .gates import parse_labels
+
+    return str(parse_labels(spec)[0])
 
 
 def _load_source(source: str | os.PathLike | onnx.ModelProto, scratch: Path
@@ -167,8 +212,11 @@ def _load_source(source: str | os.PathLike | onnx.ModelProto, scratch: Path
 
 def _build_passes(opts: OptimizeOptions) -> list:
     extra = {p.name: p for p in opts.extra_passes}
-    passes = [cls.with_options(**opts.pass_options[cls.name]) if opts.pass_options.get(cls.name) else cls()
-              for cls in registry.select(opts.passes, opts.skip) if cls.name not in extra]
+    try:
+        passes = [cls.with_options(**opts.pass_options[cls.name]) if opts.pass_options.get(cls.name) else cls()
+                  for cls in registry.select(opts.passes, opts.skip) if cls.name not in extra]
+    except (TypeError, ValueError) as exc:  # a misspelt --pass-option: the user's error, not ours
+        raise OptimizeError(str(exc)) from None
     passes += list(extra.values())
     passes.sort(key=lambda p: (STAGES.index(p.stage), p.order, p.name))
     for name in opts.pass_options:

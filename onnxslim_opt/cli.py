@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .api import OptimizeOptions, default_output_path, run
+from .benchmark import BenchmarkOptions, parse_ints, parse_providers
+from .config import config_defaults, config_path, read_toml
 from .errors import OptimizeError, ValidationFailed
 from .pass_api import Pass
 from .registry import registry
@@ -53,10 +55,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="check the graph after every pass; show tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--version", action="version", version=f"onnxslim-opt {__version__}")
+    p.add_argument("--config", metavar="TOML", help="recipe file holding any of these options (long flag names "
+                   "as keys); flags on the command line override it")
+    _add_benchmark_arguments(p.add_argument_group("benchmark", "latency of the original and optimized model "
+                                                  "on ONNX Runtime execution providers"))
+    _add_gate_arguments(p.add_argument_group("gates", "fail the run (exit code 1, nothing written) when a "
+                                             "figure of the report crosses a threshold"))
     for cls in registry.all():  # passes (plug-ins too) add their own flags, each in its own group
         if cls.add_arguments.__func__ is not Pass.add_arguments.__func__:
             cls.add_arguments(p.add_argument_group(f"pass {cls.name}", cls.description))
     return p
+
+
+def _add_benchmark_arguments(g) -> None:
+    g.add_argument("--benchmark", metavar="PROVIDERS", help="benchmark on these providers: cpu,cuda,tensorrt")
+    g.add_argument("--batch", default="1", metavar="B1,B2", help="batch sizes for models with a dynamic batch dim (default 1)")
+    g.add_argument("--runs", type=int, default=100, help="timed runs per model (default 100)")
+    g.add_argument("--warmup", type=int, default=10, help="warm-up runs per model, not timed (default 10)")
+    g.add_argument("--threads", default="0", metavar="T1,T2", help="intra-op threads (default 0: ORT's choice)")
+    g.add_argument("--benchmark-copies", action="store_true",
+                   help="CUDA/TensorRT: time host-device copies too (default: IO binding leaves them out)")
+    g.add_argument("--trt-fp16", action="store_true", help="TensorRT: allow fp16 kernels")
+    g.add_argument("--trt-int8", action="store_true", help="TensorRT: allow int8 (needs a Q/DQ model, e.g. --quantize int8)")
+    g.add_argument("--trt-cache", metavar="DIR", help="TensorRT: engine and timing cache directory, reused between runs")
+    g.add_argument("--trt-workspace", type=_size, metavar="BYTES", help="TensorRT: max workspace size (kB/MB/GB suffixes)")
+
+
+def _add_gate_arguments(g) -> None:
+    g.add_argument("--fail-if", action="append", default=[], metavar="EXPR",
+                   help='fail when METRIC OP NUMBER holds, e.g. "cosine<0.999", "latency_ratio>1.0" (repeatable)')
+    g.add_argument("--max-accuracy-drop", type=float, metavar="X",
+                   help="fail when top-1 accuracy on --labels drops by more than X (a fraction, e.g. 0.01)")
+    g.add_argument("--labels", metavar="NPZ[:KEY]", help="labels for accuracy (array 'label' by default); inputs "
+                   "come from --inputs, or from this file when it holds the input arrays")
+    g.add_argument("--labels-output", metavar="NAME", help="the [batch, classes] output scored against --labels")
+
+
+def _benchmark_options(args) -> Optional[BenchmarkOptions]:
+    if not args.benchmark:
+        return None
+    if args.runs < 1 or args.warmup < 1:
+        raise OptimizeError("--runs and --warmup must be at least 1")
+    return BenchmarkOptions(
+        providers=parse_providers(args.benchmark), batches=parse_ints(args.batch, "--batch"), runs=args.runs,
+        warmup=args.warmup, threads=parse_ints(args.threads, "--threads", minimum=0),
+        include_copies=args.benchmark_copies, trt_fp16=args.trt_fp16, trt_int8=args.trt_int8,
+        trt_cache=args.trt_cache, trt_workspace=args.trt_workspace, seed=args.seed,
+        custom_op_libraries=args.custom_op_library)
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Flags over the --config recipe over the built-in defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    recipe = config_path(argv)
+    if recipe:
+        parser.set_defaults(**config_defaults(parser, read_toml(recipe), recipe))
+    return parser.parse_args(argv)
 
 
 def _size(text: str) -> int:
@@ -105,7 +160,11 @@ def list_passes() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parse_args(argv)
+    except OptimizeError as exc:
+        print(f"optimize: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     logging.basicConfig(level=logging.DEBUG if args.debug else (logging.ERROR if args.quiet else logging.WARNING),
                         format="optimize: %(levelname)s: %(message)s", stream=sys.stderr)
     _quiet_graphsurgeon(args.debug)
@@ -128,12 +187,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             custom_op_libraries=args.custom_op_library, progress=_progress_printer(args),
             extra_passes=[p for p in (cls.from_arguments(args) for cls in registry.all()) if p is not None],
             calibration=args.calibration, calibration_random=args.calibration_random, preprocess=args.preprocess,
+            benchmark=_benchmark_options(args), fail_if=args.fail_if, max_accuracy_drop=args.max_accuracy_drop,
+            labels=args.labels, labels_output=args.labels_output,
         )
         # libraries (onnx-graphsurgeon) print warnings to stdout; stdout is the report's when `--report -`
         with contextlib.redirect_stdout(sys.stderr):
             outcome = run(source, output, options, keep_model=False)
         report = outcome.report
-        code = 0
+        code = 1 if report.gates and not report.gates["passed"] else 0  # --force wrote it; the gate still fails
     except OptimizeError as exc:
         print(f"optimize: error: {exc}", file=sys.stderr)
         if args.debug:

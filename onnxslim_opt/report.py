@@ -9,7 +9,8 @@ from typing import Any, Optional
 import onnx
 
 #: bump the major part when a field is removed or changes meaning
-SCHEMA_VERSION = "1.0"
+#: 1.1 added "metrics", "benchmark", "accuracy" and "gates" (see README, "JSON report")
+SCHEMA_VERSION = "1.1"
 
 
 @dataclass
@@ -73,6 +74,11 @@ class Report:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     written: bool = False
+    #: the figures gates read (gates.metrics_of), always present once validation ran
+    metrics: dict[str, Any] = field(default_factory=dict)
+    benchmark: Optional[dict] = None
+    accuracy: Optional[dict] = None
+    gates: Optional[dict] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +94,10 @@ class Report:
             "validation": self.validation,
             "notes": self.notes,
             "seconds": self.seconds,
+            "metrics": self.metrics,
+            "accuracy": self.accuracy,
+            "benchmark": self.benchmark,
+            "gates": self.gates,
         }
 
     def to_json(self) -> str:
@@ -133,6 +143,17 @@ class Report:
             if v["message"]:
                 text += f": {v['message']}"
             lines.append(text)
+        if self.accuracy:
+            a = self.accuracy
+            lines.append(f"accuracy on {a['samples']} labels ({a['output']!r}): original {a['original']:.4f}, "
+                         f"optimized {a['optimized']:.4f}")
+        if self.benchmark:
+            from .benchmark import format_table as benchmark_table
+
+            lines.append(benchmark_table(self.benchmark))
+        if self.gates:
+            for c in self.gates["checks"]:
+                lines.append(f"gate {c['gate']!r}: {'passed' if c['passed'] else 'FAILED'} ({c['message']})")
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
