@@ -39,7 +39,11 @@ def bn_producer(bn: Node, graph: gs.Graph, ops: tuple[str, ...]) -> Optional[Nod
 
 
 def bn_affine(bn: Node, graph: gs.Graph, ctx: PassContext) -> tuple[np.ndarray, np.ndarray] | str:
-    """(a, b) in float64 such that the BatchNormalization is y = a * x + b along axis 1, or a reason."""
+    """(a, b) such that the BatchNormalization is y = a * x + b along axis 1, or a reason.
+
+    float32 parameters are folded in float32 in ONNX Runtime's order (scale / sqrt(var + eps)),
+    so the folded model rounds exactly as ONNX Runtime's own Conv+BN fusion would; other float
+    types are folded in float64."""
     if ctx.opset < 7:
         return "BatchNormalization before opset 7 (is_test semantics) is not handled"
     if len(bn.inputs) != 5:
@@ -54,10 +58,11 @@ def bn_affine(bn: Node, graph: gs.Graph, ctx: PassContext) -> tuple[np.ndarray, 
     params = [float_constant(t) for t in bn.inputs[1:]]
     if any(p is None for p in params):
         return "BatchNormalization parameters are not float constants"
-    scale, bias, mean, var = (p.astype(np.float64) for p in params)
+    dtype = np.float32 if all(p.dtype == np.float32 for p in params) else np.float64
+    scale, bias, mean, var = (p.astype(dtype) for p in params)
     if any(p.ndim != 1 or p.shape != scale.shape for p in (scale, bias, mean, var)):
         return "BatchNormalization parameters are not 1-D vectors of one length"
-    a = scale / np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
+    a = scale / np.sqrt(var + dtype(attr(bn, "epsilon", 1e-5)))
     b = bias - mean * a
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return "folded scale/shift is not finite (var + epsilon <= 0?)"
