@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import onnx
 import onnx_graphsurgeon as gs
 
+from .errors import OptimizeError
 from .graph import export_model, node_count, weight_stats
 from .pass_api import STAGES, Pass, PassContext, PassResult
 
@@ -100,6 +101,8 @@ class PassManager:
         start = time.perf_counter()
         try:
             result = p.run(graph, self.ctx) or PassResult()
+        except OptimizeError:
+            raise  # the user's input is wrong (e.g. calibration data): one clear line, not a rollback
         except Exception as exc:
             stats.seconds += time.perf_counter() - start
             stats.runs += 1
