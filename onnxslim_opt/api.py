@@ -105,7 +105,8 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
         specs: list = []
         if opts.validate or lossy or opts.benchmark or labels is not None:  # settle inputs before any work, so bad specs fail fast
             specs, notes = resolve_input_specs(model, shapes)
-            report.notes.extend(notes)
+            if not opts.inputs_file:  # with --inputs the real batch is used
+                report.notes.extend(notes)
         if opts.validate:
             samples = (load_inputs_file(inputs_file, specs) if inputs_file
                        else random_inputs(specs, opts.samples, opts.seed))

@@ -89,12 +89,19 @@ def explain_runtime_error(exc: BaseException) -> str:
     return f"ONNX Runtime cannot load the model: {text[:300]}"
 
 
+_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
 def run_model(path: str | Path, samples: list[dict[str, np.ndarray]],
               custom_op_libraries: Sequence[str] = ()) -> tuple[list[str], list[list[Any]]]:
     session = make_session(path, custom_op_libraries)
     names = [o.name for o in session.get_outputs()]
+    # a pass may change an input's float type (--fp16-io): feed each model the type it declares
+    wanted = {i.name: _ORT_FLOATS.get(i.type) for i in session.get_inputs()}
     try:
-        results = [session.run(None, feed) for feed in samples]
+        results = [session.run(None, {k: v.astype(wanted[k]) if wanted.get(k) and v.dtype != wanted[k]
+                                      and v.dtype.kind == "f" else v for k, v in feed.items()})
+                   for feed in samples]
     except Exception as exc:
         raise RuntimeUnavailable(f"ONNX Runtime failed to run the model: {' '.join(str(exc).split())[:300]}") from exc
     return names, results
