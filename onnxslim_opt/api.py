@@ -78,9 +78,9 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
         options: Optional[OptimizeOptions] = None, keep_model: bool = True) -> Outcome:
     """Optimize `source`, validate the result, and write it to `output` (if given) atomically.
 
-    Raises OptimizeError for bad input (nothing written) and ValidationFailed when outputs differ
-    (nothing written unless `force`). With keep_model=False no complete in-memory copy of the
-    optimized model is ever built: weights are streamed to the output file.
+    Raises OptimizeError for bad input (nothing written), ValidationFailed when outputs differ and
+    GatesFailed when a gate fails (nothing written unless `force`). With keep_model=False no
+    complete in-memory copy of the optimized model is ever built: weights are streamed to disk.
     """
     opts = options or OptimizeOptions()
     timings: dict[str, float] = {}
@@ -90,56 +90,13 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
         if output is not None and not isinstance(source, onnx.ModelProto) and Path(output).exists():
             if Path(output).resolve() == source_path.resolve() and not opts.overwrite:
                 raise OptimizeError(f"refusing to overwrite the input {source_path}; pass --overwrite to allow it")
-        shapes = opts.input_shapes if isinstance(opts.input_shapes, dict) else parse_input_shapes(opts.input_shapes)
-        check_shape_names(model, shapes)
         report = Report(input=label, output=str(output) if output is not None else None)
-        samples = None
-        passes = _build_passes(opts)
-        gates = build_gates(opts.fail_if, opts.max_accuracy_drop)
-        inputs_file = opts.inputs_file or opts.labels and _labels_file(opts.labels)
-        labels = load_labels(opts.labels) if opts.labels else None
-        if opts.max_accuracy_drop is not None and labels is None:
-            raise OptimizeError("--max-accuracy-drop needs --labels FILE.npz (and --inputs, unless the labels "
-                                "file also holds the input arrays)")
-        lossy = [p.name for p in passes if not p.lossless]
-        specs: list = []
-        if opts.validate or lossy or opts.benchmark or labels is not None:  # settle inputs before any work, so bad specs fail fast
-            specs, notes = resolve_input_specs(model, shapes)
-            if not opts.inputs_file:  # with --inputs the real batch is used
-                report.notes.extend(notes)
-        if opts.validate:
-            samples = (load_inputs_file(inputs_file, specs) if inputs_file
-                       else random_inputs(specs, opts.samples, opts.seed))
+        plan = _plan_run(opts, model, report)  # every check of the user's input, before any work
         report.before = ModelSummary.of_model(model, file_bytes)
-        listed_inits = {t.name for t in model.graph.initializer} & {i.name for i in model.graph.input}
-        if listed_inits:
-            report.notes.append(f"{len(listed_inits)} initializers were also listed as graph inputs (old IR); "
-                                f"they are treated as constants and are no longer inputs")
         timings["load"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        ctx = PassContext(opset=default_opset(model) or 0, input_shapes=shapes, fold_size_limit=opts.fold_size_limit,
-                          debug=opts.debug, custom_op_libraries=tuple(opts.custom_op_libraries), original=model,
-                          input_specs=specs, calibration=opts.calibration, calibration_random=opts.calibration_random,
-                          preprocess=opts.preprocess, seed=opts.seed)
-        graph = import_graph(model)
-        attach_file_backed_values(graph, source_path.parent)
-        manager = PassManager(passes, ctx, model, progress=opts.progress)
-        graph = manager.run(graph)
-        report.passes = [s.to_dict() for s in manager.stats.values()]
-        report.simplify_rounds = manager.rounds
-        for s in manager.stats.values():
-            if s.errors:
-                report.notes.append(f"pass {s.name} failed on this model and was rolled back: {s.errors[0]}")
-        report.after = summarize_graph(graph)
-        if keep_model:
-            optimized = export_model(graph, model)
-            staging = dict(model=optimized)
-        else:
-            optimized = None
-            skeleton, weights = export_skeleton(graph, model)
-            staging = dict(skeleton=skeleton, weights=weights)
-        del graph, manager
+        optimized, staging = _optimize(opts, model, source_path, plan, report, keep_model)
         timings["optimize"] = time.perf_counter() - t
 
         destination = Path(output) if output is not None else Path(scratch) / "optimized.onnx"
@@ -149,41 +106,113 @@ def run(source: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike |
             _check_staged(staged.path)
             report.after.file_bytes = staged.size()
             timings["write"] = time.perf_counter() - t
-            t = time.perf_counter()
-            if samples is not None:
-                result = validate(source_path, staged.path, samples, opts.rtol, opts.atol, opts.custom_op_libraries,
-                                  lossy=bool(lossy))
-                if result.status == "unavailable":
-                    report.notes.append(f"outputs were NOT validated: {result.message}")
-            else:
-                result = ValidationResult("skipped", message="validation disabled (--no-validate)")
-            report.validation = result.to_dict()
-            timings["validate"] = time.perf_counter() - t
-            report.metrics = metrics_of(report.to_dict())
-            if result.status == "failed" and not opts.force:
+            try:
+                _evaluate(opts, model, source_path, staged.path, plan, report, timings)
+            finally:
                 _finish_timings(report, timings, t0)
-                raise ValidationFailed(f"validation failed, nothing written: {result.message}", report)
-            if labels is not None:
-                t = time.perf_counter()
-                acc_samples = samples if samples is not None else load_inputs_file(inputs_file, specs)
-                report.accuracy = accuracy(source_path, staged.path, acc_samples, labels, opts.labels_output,
-                                           opts.custom_op_libraries)
-                timings["accuracy"] = time.perf_counter() - t
-            if opts.benchmark:
-                t = time.perf_counter()
-                report.benchmark = benchmark(source_path, staged.path, specs, opts.benchmark, original=model)
-                timings["benchmark"] = time.perf_counter() - t
-            report.metrics = metrics_of(report.to_dict())
-            _finish_timings(report, timings, t0)
-            if gates:
-                report.gates = evaluate(gates, report.metrics)
-                if not report.gates["passed"] and not opts.force:
-                    failed = [c["gate"] + f" ({c['message']})" for c in report.gates["checks"] if not c["passed"]]
-                    raise GatesFailed(f"gate(s) failed, nothing written: {'; '.join(failed)}", report)
+            if report.gates and not report.gates["passed"] and not opts.force:
+                failed = [c["gate"] + f" ({c['message']})" for c in report.gates["checks"] if not c["passed"]]
+                raise GatesFailed(f"gate(s) failed, nothing written: {'; '.join(failed)}", report)
             if output is not None:
                 staged.commit()
                 report.written = True
         return Outcome(optimized, report, Path(output) if output is not None else None)
+
+
+@dataclass
+class _Plan:
+    """What a run will do, settled from the options and the model before any work."""
+
+    passes: list
+    lossy: list[str]
+    shapes: dict
+    specs: list
+    samples: Optional[list]
+    gates: list
+    labels: Any
+    inputs_file: Optional[str]
+
+
+def _plan_run(opts: OptimizeOptions, model: onnx.ModelProto, report: Report) -> _Plan:
+    shapes = opts.input_shapes if isinstance(opts.input_shapes, dict) else parse_input_shapes(opts.input_shapes)
+    check_shape_names(model, shapes)
+    passes = _build_passes(opts)
+    gates = build_gates(opts.fail_if, opts.max_accuracy_drop)
+    inputs_file = opts.inputs_file or opts.labels and _labels_file(opts.labels)
+    labels = load_labels(opts.labels) if opts.labels else None
+    if opts.max_accuracy_drop is not None and labels is None:
+        raise OptimizeError("--max-accuracy-drop needs --labels FILE.npz (and --inputs, unless the labels "
+                            "file also holds the input arrays)")
+    lossy = [p.name for p in passes if not p.lossless]
+    specs: list = []
+    if opts.validate or lossy or opts.benchmark or labels is not None:
+        specs, notes = resolve_input_specs(model, shapes)
+        if not opts.inputs_file:  # with --inputs the real batch is used
+            report.notes.extend(notes)
+    samples = None
+    if opts.validate:
+        samples = (load_inputs_file(inputs_file, specs) if inputs_file
+                   else random_inputs(specs, opts.samples, opts.seed))
+    listed_inits = {t.name for t in model.graph.initializer} & {i.name for i in model.graph.input}
+    if listed_inits:
+        report.notes.append(f"{len(listed_inits)} initializers were also listed as graph inputs (old IR); "
+                            f"they are treated as constants and are no longer inputs")
+    return _Plan(passes, lossy, shapes, specs, samples, gates, labels, inputs_file)
+
+
+def _optimize(opts: OptimizeOptions, model: onnx.ModelProto, source_path: Path, plan: _Plan, report: Report,
+              keep_model: bool) -> tuple[Optional[onnx.ModelProto], dict]:
+    """Run the passes; return the optimized model (if kept) and what StagedModel writes."""
+    ctx = PassContext(opset=default_opset(model) or 0, input_shapes=plan.shapes, fold_size_limit=opts.fold_size_limit,
+                      debug=opts.debug, custom_op_libraries=tuple(opts.custom_op_libraries), original=model,
+                      input_specs=plan.specs, calibration=opts.calibration, calibration_random=opts.calibration_random,
+                      preprocess=opts.preprocess, seed=opts.seed)
+    graph = import_graph(model)
+    attach_file_backed_values(graph, source_path.parent)
+    manager = PassManager(plan.passes, ctx, model, progress=opts.progress)
+    graph = manager.run(graph)
+    report.passes = [s.to_dict() for s in manager.stats.values()]
+    report.simplify_rounds = manager.rounds
+    for s in manager.stats.values():
+        if s.errors:
+            report.notes.append(f"pass {s.name} failed on this model and was rolled back: {s.errors[0]}")
+    report.after = summarize_graph(graph)
+    if keep_model:
+        optimized = export_model(graph, model)
+        return optimized, dict(model=optimized)
+    skeleton, weights = export_skeleton(graph, model)
+    return None, dict(skeleton=skeleton, weights=weights)
+
+
+def _evaluate(opts: OptimizeOptions, model: onnx.ModelProto, source_path: Path, staged_path: Path, plan: _Plan,
+              report: Report, timings: dict[str, float]) -> None:
+    """Validation, accuracy, benchmark and gates on the staged file; fills the report."""
+    t = time.perf_counter()
+    if plan.samples is not None:
+        result = validate(source_path, staged_path, plan.samples, opts.rtol, opts.atol, opts.custom_op_libraries,
+                          lossy=bool(plan.lossy))
+        if result.status == "unavailable":
+            report.notes.append(f"outputs were NOT validated: {result.message}")
+    else:
+        result = ValidationResult("skipped", message="validation disabled (--no-validate)")
+    report.validation = result.to_dict()
+    timings["validate"] = time.perf_counter() - t
+    report.metrics = metrics_of(report.to_dict())
+    if result.status == "failed" and not opts.force:
+        raise ValidationFailed(f"validation failed, nothing written: {result.message}", report)
+    if plan.labels is not None:
+        t = time.perf_counter()
+        acc_samples = plan.samples if plan.samples is not None else load_inputs_file(plan.inputs_file, plan.specs)
+        report.accuracy = accuracy(source_path, staged_path, acc_samples, plan.labels, opts.labels_output,
+                                   opts.custom_op_libraries)
+        timings["accuracy"] = time.perf_counter() - t
+    if opts.benchmark:
+        t = time.perf_counter()
+        report.benchmark = benchmark(source_path, staged_path, plan.specs, opts.benchmark, original=model)
+        timings["benchmark"] = time.perf_counter() - t
+    report.metrics = metrics_of(report.to_dict())
+    if plan.gates:
+        report.gates = evaluate(plan.gates, report.metrics)
 
 
 def _finish_timings(report: Report, timings: dict[str, float], t0: float) -> None:
