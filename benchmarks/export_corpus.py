@@ -12,7 +12,8 @@ Each model is exported three ways:
 
 Files go to benchmarks/work/corpus/<model>__<exporter>.onnx (gitignored), with manifest.json
 recording each export's status, opset, node count, size, time, and the reason for any skip.
-No weights are downloaded: every model is built with weights=None (and weights_backbone=None).
+No weights are downloaded: every model is built with weights=None (and weights_backbone=None);
+BERT-base comes from transformers.BertConfig() with random weights, with HF_HUB_OFFLINE=1 set.
 
 Each export runs in its own subprocess (a crash or hang of the exporter skips that one entry).
 """
@@ -32,7 +33,7 @@ DEFAULT_OUT = HERE / "work" / "corpus"
 MODELS = [
     "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
     "convnext_tiny", "vit_b_16", "regnet_y_400mf", "squeezenet1_1", "ssdlite320_mobilenet_v3_large",
-    "transformer_encoder",
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "transformer_encoder", "bert_base",
 ]
 EXPORTERS = ["torchscript", "dynamo", "bn"]
 OPSET = 17
@@ -88,9 +89,59 @@ def _make_realistic(model, args) -> None:
             model.eval()
 
 
+def _detector(det):
+    """Tensor in, tensors out: torchvision detectors take a list of images, return a list of dicts."""
+    import torch
+
+    class Detector(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, images):
+            out = self.m(list(images))[0]
+            return out["boxes"], out["scores"], out["labels"]
+
+    return Detector(det.eval()).eval()
+
+
+def _build_bert():
+    """BERT-base (12 layers, hidden 768, 12 heads) from BertConfig() with random weights; seq 128.
+    Inputs input_ids and attention_mask (token_type_ids defaults to zeros inside the model)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be fetched from a hub
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    import torch
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig()).eval()
+    with torch.no_grad():  # zero biases would be identical across layers (dedup shrinks them)
+        for param in bert.parameters():
+            if param.dim() == 1 and not param.any():
+                param.normal_(0.0, 0.02)
+
+    class Bert(torch.nn.Module):
+        """Tuple out instead of a ModelOutput."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+            return out.last_hidden_state, out.pooler_output
+
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, bert.config.vocab_size, (1, 128), generator=gen)
+    mask = torch.ones(1, 128, dtype=torch.int64)
+    return (Bert(bert).eval(), (ids, mask), ["input_ids", "attention_mask"],
+            ["last_hidden_state", "pooler_output"])
+
+
 def _build(name: str):
     import torch
 
+    if name == "bert_base":
+        return _build_bert()
     if name == "transformer_encoder":
         layer = torch.nn.TransformerEncoderLayer(d_model=256, nhead=8, dim_feedforward=1024, dropout=0.1,
                                                  batch_first=True)
@@ -110,20 +161,13 @@ def _build(name: str):
 
     if name == "ssdlite320_mobilenet_v3_large":
         det = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
-        det.eval()
-
-        class Detector(torch.nn.Module):
-            """Tensor in, tensors out: the torchvision detector takes a list of images, returns dicts."""
-
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, images):
-                out = self.m(list(images))[0]
-                return out["boxes"], out["scores"], out["labels"]
-
-        return Detector(det).eval(), (torch.rand(1, 3, 320, 320),), ["images"], ["boxes", "scores", "labels"]
+        return _detector(det), (torch.rand(1, 3, 320, 320),), ["images"], ["boxes", "scores", "labels"]
+    if name == "fasterrcnn_mobilenet_v3_large_320_fpn":
+        # box_score_thresh=0: random-init class scores (~1/91) are all under the default 0.05, so the
+        # outputs would be empty and the output check meaningless; keep the top 100 detections.
+        det = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+            weights=None, weights_backbone=None, box_score_thresh=0.0)
+        return _detector(det), (torch.rand(1, 3, 320, 320),), ["images"], ["boxes", "scores", "labels"]
     model = torchvision.models.get_model(name, weights=None).eval()
     return model, (torch.randn(1, 3, 224, 224),), ["input"], ["output"]
 
@@ -235,7 +279,8 @@ def main(argv=None) -> int:
             cmd = [sys.executable, __file__, "--_child", name, exporter, str(path)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                      env={**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
+                                           "TRANSFORMERS_OFFLINE": "1"})
                 line = next((l for l in proc.stdout.splitlines() if l.startswith("EXPORT-RESULT ")), None)
                 if line:
                     info = json.loads(line[len("EXPORT-RESULT "):])

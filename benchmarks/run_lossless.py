@@ -777,7 +777,6 @@ def render(results: list[dict], meta: dict) -> str:
                "`--no-validate`; `onnxslim-opt+val` is the same run with its own ONNX Runtime validation.")
     out.append("")
 
-    keys = [r["key"] for r in results]
 
     def get(r, t):
         return r["tools"].get(t, {"status": "missing", "error": "not run"})

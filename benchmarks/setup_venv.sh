@@ -29,7 +29,8 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 # Competitors and exporter helpers, one at a time so one failure does not block the rest.
 # onnx is re-pinned each time so no tool's dependency resolution can move it.
 failed=()
-for pkg in onnxscript onnxslim onnxsim onnxoptimizer polygraphy; do
+# transformers builds BERT-base for the corpus (random weights, offline: no hub download).
+for pkg in onnxscript onnxslim onnxsim onnxoptimizer polygraphy transformers; do
     if ! "${PIP[@]}" "$pkg" onnx==1.23.2; then
         echo "setup_venv: WARNING: $pkg failed to install; the benchmark will report it as missing" >&2
         failed+=("$pkg")
@@ -38,7 +39,7 @@ done
 
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
-for name in ["torch", "torchvision", "onnx", "onnxruntime", "onnx-graphsurgeon", "onnxscript",
+for name in ["torch", "torchvision", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon", "onnxscript",
              "onnxslim", "onnxsim", "onnxoptimizer", "polygraphy", "psutil", "onnxslim-opt"]:
     try:
         print(f"  {name:20} {md.version(name)}")

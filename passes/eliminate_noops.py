@@ -1,6 +1,7 @@
 """Remove nodes that compute their input unchanged: Identity, inference Dropout, Cast to the same
 type, identity Transpose/Reshape/Squeeze/Unsqueeze/Flatten/Slice/Expand/Pad, x*1, x/1, x+0,
-x-0, x**1, and single-input Concat/Sum/Max/Min/Mean.
+x-0, x**1, single-input Concat/Sum/Max/Min/Mean, and single-output Split (its one piece must be
+the whole axis: the spec requires the split sizes to add up to it).
 
 Each op has a small check in `CHECKS` that answers with the index of the input that passes
 through unchanged, None (not a no-op) or a reason string (a candidate that cannot be proven a
@@ -51,6 +52,10 @@ def _always(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
 
 def _single_input(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
     return 0 if len(node.inputs) == 1 else None
+
+
+def _single_output(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
+    return 0 if len(node.outputs) == 1 else None
 
 
 def _dropout(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
@@ -234,6 +239,7 @@ CHECKS: dict[str, Callable[[Node, gs.Graph, PassContext], Verdict]] = {
     "Max": _single_input,
     "Min": _single_input,
     "Mean": _single_input,
+    "Split": _single_output,
 }
 
 #: ops whose check reads the input's shape or element type (the arithmetic ones only next to a constant)

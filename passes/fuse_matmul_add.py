@@ -11,7 +11,11 @@ with X2 = X when X is [M, K] (the Reshape of A disappears: one node fewer) and X
 [-1, K]) otherwise (as many nodes as before, so only done when the Add feeds a shape-only op the
 new Reshape merges into; merge_reshapes then saves the node). S is the static output shape, or A's
 Reshape target with its last entry replaced by N. A plain N-D MatMul (not fed by such a Reshape)
-is declined: Reshape-Gemm-Reshape would add a node.
+is declined (Reshape-Gemm-Reshape would add a node) unless its Reshape to [-1, K] is shared: when
+X already has a reader Reshape(X, [-1, K]), or another MatMul with a constant [K, N'] weight and a
+bias Add reads X too, the flat Reshape is paid once for all of them (attention's Q/K/V projections
+of one LayerNorm output: three MatMul+Add+Reshape become one Reshape plus three Gemm+Reshape, the
+last Reshapes merging with the head split). Also only when each Add feeds a shape op to merge with.
 """
 from __future__ import annotations
 
@@ -94,38 +98,109 @@ def _merges_after(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return reader.op in ("Squeeze", "Unsqueeze", "Flatten") and static_shape(reader.outputs[0]) is not None
 
 
-def _plan_reshaped(node: Node, add: Node, bias: gs.Tensor, graph: gs.Graph) -> Edit | str:
-    """MatMul(Reshape(X), W) + bias as Reshape(Gemm(X2, W, bias)); see the module docstring."""
+def _row_bias_ok(bias: gs.Tensor, n: int) -> bool:
+    shape = tensor_shape(bias)
+    return shape is not None and tuple(shape) in ((), (1,), (n,), (1, 1), (1, n))
+
+
+def _lead_target(shape: Sequence, n: int) -> Optional[list[int]]:
+    """Reshape target of an N-D product from its input's leading dims (one symbolic dim becomes -1)."""
+    lead = [int(d) if isinstance(d, (int, np.integer)) else -1 for d in shape[:-1]]
+    if 0 in lead or lead.count(-1) > 1 or any(d < -1 for d in lead):
+        return None
+    return lead + [n]
+
+
+def _flat_reader(graph: gs.Graph, a: gs.Tensor, k: int) -> Optional[gs.Tensor]:
+    """The output of an existing Reshape(a, [-1, K]) in this graph: a Gemm can read it directly."""
+    ids = {id(n) for n in graph.nodes}
+    for r in a.outputs:
+        if id(r) not in ids or r.op != "Reshape" or not is_standard(r) or len(r.inputs) < 2 or r.inputs[0] is not a:
+            continue
+        target = constant_value(r.inputs[1])
+        if target is not None and target.ndim == 1 and target.size == 2 and [int(v) for v in target] == [-1, k]:
+            return r.outputs[0]
+    return None
+
+
+def _bias_add(graph: gs.Graph, matmul: Node) -> Optional[tuple[Node, gs.Tensor]]:
+    """(Add, bias) when the MatMul's only reader is a two-input bias Add."""
+    out = matmul.outputs[0]
+    add = single_consumer(graph, out)
+    if add is None or add.op != "Add" or not is_standard(add) or len(add.inputs) != 2:
+        return None
+    if add.inputs[0] is out and add.inputs[1] is out:
+        return None
+    return add, add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+
+
+def _has_twin(graph: gs.Graph, node: Node, a: gs.Tensor, k: int) -> bool:
+    """Another MatMul(a, constant [K, N']) + bias Add feeding a shape op: it would share Reshape(a, [-1, K])."""
+    ids = {id(n) for n in graph.nodes}
+    for other in a.outputs:
+        if other is node or id(other) not in ids or other.op != "MatMul" or not is_standard(other) \
+                or other.inputs[0] is not a or other.inputs[1] is a:
+            continue
+        w = constant_value(other.inputs[1])
+        found = _bias_add(graph, other)
+        if w is None or w.ndim != 2 or w.shape[0] != k or w.shape[1] == 0 or found is None:
+            continue
+        if _row_bias_ok(found[1], int(w.shape[1])) and _merges_after(graph, found[0].outputs[0]):
+            return True
+    return False
+
+
+def _plan_nd(node: Node, add: Node, bias: gs.Tensor, graph: gs.Graph) -> Edit | str:
+    """N-D MatMul(A, W) + bias as Reshape(Gemm(A2, W, bias)); see the module docstring."""
     a, b = node.inputs
     rank = len(tensor_shape(a))
     plain = f"MatMul of ranks {rank}x2: Gemm is 2-D only (a Reshape-Gemm-Reshape would add nodes)"
-    reshape = sole_producer(a)
-    if reshape is None or reshape.op != "Reshape" or not is_standard(reshape) or len(reshape.inputs) < 2:
-        return plain
-    if single_consumer(graph, a) is not node:
-        return plain + "; its input Reshape has other readers"
     w = constant_value(b)
     if w is None:
         return plain + "; the weight is not a constant"
     k, n = (int(d) for d in w.shape)
     if k == 0 or n == 0:
         return "empty weight"
-    bias_shape = tensor_shape(bias)
-    if bias_shape is None or tuple(bias_shape) not in ((), (1,), (n,), (1, 1), (1, n)):
-        return f"bias shape {bias_shape} is not [N], [1, N] or a scalar"
-    target = _output_target(reshape, node.outputs[0], n)
+    if not _row_bias_ok(bias, n):
+        return f"bias shape {tensor_shape(bias)} is not [N], [1, N] or a scalar"
+    merges = _merges_after(graph, add.outputs[0])
+    reshape = sole_producer(a)
+    if reshape is not None and reshape.op == "Reshape" and is_standard(reshape) and len(reshape.inputs) > 1 \
+            and single_consumer(graph, a) is node:
+        target = _output_target(reshape, node.outputs[0], n)
+        if target is None:
+            return "MatMul output shape unknown and its input Reshape target cannot give it"
+        x = reshape.inputs[0]
+        direct = x.shape is not None and len(x.shape) == 2 and isinstance(x.shape[1], (int, np.integer)) \
+            and x.shape[1] == k
+        if not direct and not merges:
+            return plain + "; its input is not [M, K] and the result feeds no shape op to merge with"
+        return _gemm_edit(graph, node, add, b, bias, x, None if direct else k, target)
+    if not merges:
+        why = "its input Reshape has other readers" if reshape is not None and reshape.op == "Reshape" \
+            else "the result feeds no shape op to merge with"
+        return f"{plain}; {why}"
+    target = static_shape(node.outputs[0]) or _lead_target(tensor_shape(a), n)
     if target is None:
-        return "MatMul output shape unknown and its input Reshape target cannot give it"
-    x = reshape.inputs[0]
-    direct = x.shape is not None and len(x.shape) == 2 and isinstance(x.shape[1], (int, np.integer)) \
-        and x.shape[1] == k
-    if not direct and not _merges_after(graph, add.outputs[0]):
-        return plain + "; its input is not [M, K] and the result feeds no shape op to merge with"
+        return "MatMul output shape unknown"
+    flat = _flat_reader(graph, a, k)
+    if flat is not None:
+        return _gemm_edit(graph, node, add, b, bias, flat, None, target)
+    if not _has_twin(graph, node, a, k):
+        return plain + "; no other MatMul shares its Reshape to [-1, K]"
+    return _gemm_edit(graph, node, add, b, bias, a, k, target)
+
+
+def _gemm_edit(graph: gs.Graph, node: Node, add: Node, b: gs.Tensor, bias: gs.Tensor, x: gs.Tensor,
+               flatten_k: Optional[int], target: list[int]) -> Edit:
+    """MatMul and Add become [Reshape(x, [-1, K])], Gemm, Reshape (an input Reshape left unread goes to DCE)."""
+    a = node.inputs[0]
     edit = Edit(remove=[node, add])
-    if not direct:
-        flat = gs.Variable(fresh_name(graph, f"{reshape.name}_2d"), dtype=a.dtype)
-        flat_target = make_constant(graph, f"{reshape.name}_2d_shape", np.array([-1, k], dtype=np.int64))
-        edit.add.append(NewNode("Reshape", [x, flat_target], [flat], name=fresh_name(graph, reshape.name)))
+    base = f"{node.name}_flat"
+    if flatten_k is not None:
+        flat = gs.Variable(fresh_name(graph, f"{base}_2d"), dtype=a.dtype)
+        flat_target = make_constant(graph, f"{base}_2d_shape", np.array([-1, flatten_k], dtype=np.int64))
+        edit.add.append(NewNode("Reshape", [x, flat_target], [flat], name=fresh_name(graph, base)))
         x = flat
     product = gs.Variable(fresh_name(graph, f"{add.name}_gemm"), dtype=add.outputs[0].dtype)
     out_target = make_constant(graph, f"{add.name}_shape", np.array(target, dtype=np.int64))
@@ -169,7 +244,7 @@ class FuseMatMulAdd(RewritePass):
         if len(a_shape) > 2:
             if ctx.opset < 7:
                 return "Gemm with a broadcast bias and Reshape-by-input need opset >= 7"
-            return _plan_reshaped(node, add, bias, graph)
+            return _plan_nd(node, add, bias, graph)
         problem = _bias_problem(tensor_shape(bias), a_shape[0], b_shape[1])
         if problem:
             return problem

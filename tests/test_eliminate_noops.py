@@ -85,6 +85,10 @@ REMOVED = {
     "max_single": dict(noop=N("Max", ["x"], ["t"])),
     "min_single": dict(noop=N("Min", ["x"], ["t"])),
     "mean_single": dict(noop=N("Mean", ["x"], ["t"])),
+    "split_single_sizes": dict(noop=N("Split", ["x", "sp"], ["t"], axis=1), inits=[c("sp", [3])]),
+    "split_single_no_sizes": dict(noop=N("Split", ["x"], ["t"], axis=0)),
+    "split_single_opset11": dict(noop=N("Split", ["x"], ["t"], axis=2, split=[4]), opset=11),
+    "split_single_num_outputs": dict(noop=N("Split", ["x"], ["t"], axis=0, num_outputs=1), opset=18),
 }
 
 
@@ -114,6 +118,12 @@ KEPT = {
     "pad_nonzero": (dict(noop=N("Pad", ["x", "p"], ["t"]), inits=[c("p", [0, 0, 1, 0, 0, 0])]), None),
     "flatten_rank3": (dict(noop=N("Flatten", ["x"], ["t"])), None),
 }
+
+
+def test_split_with_two_outputs_stays():
+    nodes = [N("Split", ["x", "sp"], ["a", "b"], axis=1), N("Neg", ["a"], ["y"]), N("Neg", ["b"], ["z"])]
+    model = typed_model(nodes, [vinfo("x", [2, 3, 4])], ["y", "z"], [c("sp", [1, 2])])
+    run(model, ["Split", "Neg", "Neg"])
 
 
 @pytest.mark.parametrize("case", sorted(KEPT))

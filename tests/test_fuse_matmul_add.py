@@ -178,3 +178,83 @@ def test_reshaped_shared_weight_kept_for_other_matmul():
     model = reshaped((6, 4), [2, 3, 4], outputs=[vinfo("z", [6, 5])], extra=[helper.make_node("MatMul", ["x", "w"], ["z"])])
     out, _ = check(model, ["Gemm", "Reshape", "MatMul"], any_order=True)
     assert sum(1 for t in out.graph.initializer if t.name == "w") == 1
+
+
+# ---- plain N-D MatMul + bias sharing one Reshape(X, [-1, K]) (attention Q/K/V projections)
+SIBLING_PASSES = ["fuse_matmul_add", "merge_reshapes", "eliminate_common_subexpressions", "eliminate_dead_code"]
+
+
+def qkv(count=3, x_shape=(2, 5, 4), heads=(2, 3), tail_op="Reshape", w_k=4, inits=(), dyn=False):
+    """x [B, S, 4] -> count x (MatMul(w_i [4, 6]) + b_i -> Reshape [B, S, 2, 3]) -> Sum of the pieces."""
+    nodes, ws = [], []
+    b, s, k = x_shape
+    for i in range(count):
+        nodes += [helper.make_node("MatMul", ["x", f"w{i}"], [f"mm{i}"]),
+                  helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"l{i}"])]
+        if tail_op == "Reshape":
+            nodes.append(helper.make_node("Reshape", [f"l{i}", "hs"], [f"h{i}"]))
+        else:
+            nodes.append(helper.make_node("Relu", [f"l{i}"], [f"h{i}"]))
+        ws += [tensor(f"w{i}", rand(w_k, 6)), tensor(f"b{i}", rand(6))]
+    nodes.append(helper.make_node("Sum", [f"h{i}" for i in range(count)], ["y"]))
+    out = [b if not dyn else "B", s, *heads] if tail_op == "Reshape" else [b if not dyn else "B", s, 6]
+    x = vinfo("x", ["B" if dyn else b, s, k])
+    target = [-1 if dyn else b, s, *heads]
+    return make_model(nodes, [x], [vinfo("y", out)], [tensor("hs", np.array(target, dtype=np.int64)), *ws, *inits])
+
+
+def test_siblings_share_one_flat_reshape():
+    model = qkv()
+    out, report = optimize_with(model, SIBLING_PASSES)
+    assert sorted(ops(out)) == sorted(["Reshape"] + ["Gemm", "Reshape"] * 3 + ["Sum"]), \
+        pass_stats(report, "fuse_matmul_add")["rejections"]
+    assert len(out.graph.node) < len(model.graph.node)  # 10 -> 8
+    assert_same_outputs(model, out)
+
+
+def test_siblings_with_dynamic_batch():
+    model = qkv(dyn=True)
+    out, report = optimize_with(model, SIBLING_PASSES)
+    assert ops(out).count("Gemm") == 3, pass_stats(report, "fuse_matmul_add")["rejections"]
+    assert len(out.graph.node) == 8
+    assert_same_outputs(model, out, shapes={"x": [3, 5, 4]})
+
+
+def test_single_plain_nd_matmul_declined():
+    model = qkv(count=1)
+    out, report = optimize_with(model, SIBLING_PASSES)
+    assert ops(out) == ["MatMul", "Add", "Reshape", "Sum"]
+    assert any("no other MatMul shares" in r for r in pass_stats(report, "fuse_matmul_add")["rejections"])
+
+
+def test_siblings_without_following_shape_op_declined():
+    out, report = optimize_with(qkv(tail_op="Relu"), SIBLING_PASSES)
+    assert "Gemm" not in ops(out)
+    assert any("no shape op to merge" in r for r in pass_stats(report, "fuse_matmul_add")["rejections"])
+
+
+def test_siblings_reuse_an_existing_flat_reshape():
+    # x already has a Reshape to [-1, K] read by another node: a single MatMul can use it
+    model = qkv(count=1)
+    g = model.graph
+    g.node.append(helper.make_node("Reshape", ["x", "flat"], ["xf"]))
+    g.initializer.append(tensor("flat", np.array([-1, 4], dtype=np.int64)))
+    g.output.append(vinfo("xf", [10, 4]))
+    out, report = optimize_with(model, SIBLING_PASSES)
+    assert sorted(ops(out)) == sorted(["Reshape", "Gemm", "Reshape", "Sum"]), \
+        pass_stats(report, "fuse_matmul_add")["rejections"]
+    assert_same_outputs(model, out)
+
+
+def test_siblings_inside_if_branch():
+    inner = qkv().graph
+    branch = helper.make_graph(list(inner.node), "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                               list(inner.initializer))
+    zeros = helper.make_node("Constant", [], ["z"], value=tensor("zv", np.zeros((2, 5, 2, 3), np.float32)))
+    other = helper.make_graph([zeros], "else", [], [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    model = make_model([helper.make_node("If", ["c"], ["out"], then_branch=branch, else_branch=other)],
+                       [vinfo("c", [], TensorProto.BOOL), vinfo("x", [2, 5, 4])], [vinfo("out", [2, 5, 2, 3])])
+    out, _ = optimize_with(model, SIBLING_PASSES)
+    then = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node].count("Gemm") == 3 and len(then.node) == 8
+    assert_same_outputs(model, out, feeds=[{"c": np.array(True), "x": rand(2, 5, 4)}])

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from util import MODELS, make_model, session, tensor, vinfo
+from util import MODELS, make_model, tensor, vinfo
 
 SHIPPED = sorted(p.name for p in MODELS.glob("*.onnx"))
 
