@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import onnx
 
 from .errors import OptimizeError
+from .runtime import cpu_session
 
 METHODS = ("minmax", "percentile", "entropy")
 HIST_BINS = 2048
@@ -406,22 +406,21 @@ def collect_statistics(model: onnx.ModelProto, tensors: Sequence[str], data: Cal
     bar = _progress_bar(len(chunks) * batches_per_pass, progress)
     base_outputs = [o.name for o in model.graph.output]
     typed = _value_types(model)
-    with tempfile.TemporaryDirectory(prefix="onnxslim-calib-") as scratch:
-        for chunk in chunks:
-            augmented = onnx.ModelProto()
-            augmented.CopyFrom(model)
-            for name in chunk:
-                if name not in base_outputs:
-                    augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, typed.get(name, onnx.TensorProto.FLOAT), None))
-            session = _session(augmented, Path(scratch), threads)
-            wanted = [o.name for o in session.get_outputs() if o.name in stats]
-            for feed in data.batches(batch_size):
-                values = session.run(wanted, feed)
-                for name, value in zip(wanted, values):
-                    stats[name].update(value, histogram)
-                if bar is not None:
-                    bar.update(1)
-            del session, augmented
+    for chunk in chunks:
+        augmented = onnx.ModelProto()
+        augmented.CopyFrom(model)
+        for name in chunk:
+            if name not in base_outputs:
+                augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, typed.get(name, onnx.TensorProto.FLOAT), None))
+        session = cpu_session(augmented, threads)
+        wanted = [o.name for o in session.get_outputs() if o.name in stats]
+        for feed in data.batches(batch_size):
+            values = session.run(wanted, feed)
+            for name, value in zip(wanted, values):
+                stats[name].update(value, histogram)
+            if bar is not None:
+                bar.update(1)
+        del session, augmented
     if bar is not None:
         bar.close()
     return stats
@@ -446,21 +445,6 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
         if vi.type.WhichOneof("value") == "tensor_type":
             out[vi.name] = vi.type.tensor_type.elem_type
     return out
-
-
-def _session(model: onnx.ModelProto, scratch: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if model.ByteSize() < (1 << 31) - (1 << 24):
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    path = scratch / "calibration.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, location="calibration.onnx.data")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _progress_bar(total: int, show: Optional[bool]):

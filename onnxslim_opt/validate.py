@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import OptimizeError
+from .runtime import cpu_session
 
 
 @dataclass
@@ -57,19 +58,10 @@ class RuntimeUnavailable(Exception):
 
 
 def make_session(path: str | Path, custom_op_libraries: Sequence[str] = (), threads: int = 0):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    for lib in custom_op_libraries:
-        if not Path(lib).exists():
-            raise OptimizeError(f"--custom-op-library not found: {lib}")
-        so.register_custom_ops_library(str(lib))
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return cpu_session(path, threads, custom_op_libraries)
+    except OptimizeError:
+        raise
     except Exception as exc:
         raise RuntimeUnavailable(explain_runtime_error(exc)) from exc
 

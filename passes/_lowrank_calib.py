@@ -11,9 +11,9 @@ from typing import Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from onnxslim_opt.calibration import load_calibration
+from onnxslim_opt.runtime import cpu_session
 from onnxslim_opt.graph import export_model
 
 #: calibration samples used at most (the covariance of a few hundred images is plenty)
@@ -38,9 +38,7 @@ def output_subspaces(graph: gs.Graph, ctx, layers: list) -> None:
     for t in probe.outputs:
         t.dtype = np.float32
     model = export_model(probe, ctx.original) if ctx.original is not None else gs.export_onnx(probe, do_type_check=False)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(model)
     dynamic = all(not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
     sums = {name: None for name in wanted}
     seen = 0

@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_opt.errors import OptimizeError
 from onnxslim_opt.graph import constant_value, export_model, make_constant, optional_input
+from onnxslim_opt.runtime import cpu_session
 from onnxslim_opt.pass_api import Pass, PassContext, PassResult
 from onnxslim_opt.shape_inference import ensure_shapes
 
@@ -167,7 +168,7 @@ class PruneChannels(Pass):
             apply_updates(graph, compensation, clear_shapes=False)
             result.details["reconstruction"] = "bias compensation"
         if unpruned is not None:
-            info = refit(graph, a, removed, unpruned, ctx.original, feeds, _session, seed=ctx.seed)
+            info = refit(graph, a, removed, unpruned, ctx.original, feeds, cpu_session, seed=ctx.seed)
             result.details["reconstruction"] = "least-squares refit"
             result.details["refit"] = info
             for name, why in info.get("skipped", {}).items():
@@ -284,18 +285,10 @@ def _feeds(ctx: PassContext, count: int = 2) -> list[dict]:
     return [{s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in ctx.input_specs} for _ in range(count)]
 
 
-def _session(model):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def verify_against_masked(pruned, masked, ctx: PassContext, feeds: Optional[list] = None) -> float:
     """Max abs difference pruned vs masked on random inputs; raises when they disagree."""
     feeds = feeds or _feeds(ctx)
-    sp, sm = _session(pruned), _session(masked)
+    sp, sm = cpu_session(pruned), cpu_session(masked)
     worst = 0.0
     for feed in feeds:
         for x, y in zip(sp.run(None, feed), sm.run(None, feed)):
@@ -366,7 +359,7 @@ def _input_means(graph: gs.Graph, ctx: PassContext, names: list[str], feeds: lis
     names = list(dict.fromkeys(names))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for outs in stream_outputs(export_model(graph.copy(), ctx.original), names, feeds, _session):
+    for outs in stream_outputs(export_model(graph.copy(), ctx.original), names, feeds, cpu_session):
         for name, v in outs.items():
             v = np.abs(np.asarray(v, np.float64)) if absolute else np.asarray(v, np.float64)
             sums[name] = sums.get(name, 0) + v.sum(axis=tuple(i for i in range(v.ndim) if i != 1))
