@@ -147,7 +147,7 @@ def _plan_run(opts: OptimizeOptions, model: onnx.ModelProto, report: Report) -> 
     specs: list = []
     if opts.validate or lossy or opts.benchmark or labels is not None:
         specs, notes = resolve_input_specs(model, shapes)
-        if not opts.inputs_file:  # with --inputs the real batch is used
+        if not inputs_file:  # with --inputs (or a labels file holding inputs) the real batch is used
             report.notes.extend(notes)
     samples = None
     if opts.validate:
