@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from .errors import OptimizeError
-from .runtime import cpu_session
+from .runtime import cpu_session, extra_outputs
 
 METHODS = ("minmax", "percentile", "entropy")
 HIST_BINS = 2048
@@ -404,15 +404,9 @@ def collect_statistics(model: onnx.ModelProto, tensors: Sequence[str], data: Cal
     chunks = _chunks(list(tensors), tensor_bytes or {}, chunk_bytes // max(1, batch_size))
     batches_per_pass = math.ceil(data.count / max(1, batch_size))
     bar = _progress_bar(len(chunks) * batches_per_pass, progress)
-    base_outputs = [o.name for o in model.graph.output]
-    typed = _value_types(model)
     for chunk in chunks:
-        augmented = onnx.ModelProto()
-        augmented.CopyFrom(model)
-        for name in chunk:
-            if name not in base_outputs:
-                augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, typed.get(name, onnx.TensorProto.FLOAT), None))
-        session = cpu_session(augmented, threads)
+        with extra_outputs(model, chunk):
+            session = cpu_session(model, threads)
         wanted = [o.name for o in session.get_outputs() if o.name in stats]
         for feed in data.batches(batch_size):
             values = session.run(wanted, feed)
@@ -420,7 +414,7 @@ def collect_statistics(model: onnx.ModelProto, tensors: Sequence[str], data: Cal
                 stats[name].update(value, histogram)
             if bar is not None:
                 bar.update(1)
-        del session, augmented
+        del session
     if bar is not None:
         bar.close()
     return stats
@@ -437,14 +431,6 @@ def _chunks(names: list[str], sizes: dict[str, int], budget: int) -> list[list[s
         chunks[-1].append(name)
         used += size
     return [c for c in chunks if c] or [[]]
-
-
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    out = {}
-    for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
-        if vi.type.WhichOneof("value") == "tensor_type":
-            out[vi.name] = vi.type.tensor_type.elem_type
-    return out
 
 
 def _progress_bar(total: int, show: Optional[bool]):

@@ -143,7 +143,7 @@ class PassManager:
 
     def _verify(self, p: Pass, graph: gs.Graph) -> None:
         try:
-            model = export_model(graph.copy(), self.original)
+            model = export_model(graph, self.original)
             onnx.checker.check_model(model)
         except Exception as exc:
             raise PassFailure(f"pass {p.name} produced an invalid graph: {type(exc).__name__}: {exc}") from exc

@@ -3,9 +3,10 @@
 calibration and every pass that runs a model."""
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import onnx
 
@@ -38,3 +39,17 @@ def cpu_session(model: Union[onnx.ModelProto, str, Path], threads: int = 0,
         path = Path(tmp) / "model.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
         return ort.InferenceSession(str(path), so, providers=providers)  # ORT has read the file by now
+
+
+@contextlib.contextmanager
+def extra_outputs(model: onnx.ModelProto, names: Sequence[str]) -> Iterator[onnx.ModelProto]:
+    """`model` with the named intermediate tensors added as graph outputs for the duration of
+    the block (types are left to ONNX Runtime). Edits the proto in place and restores it, so
+    calibration and probes of big models never copy the weights."""
+    existing = {o.name for o in model.graph.output}
+    added = [n for n in dict.fromkeys(names) if n not in existing]
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in added)
+    try:
+        yield model
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import onnx
 
 from .errors import OptimizeError
-from .runtime import cpu_session
+from .runtime import cpu_session, extra_outputs
 
 
 @dataclass
@@ -57,7 +58,7 @@ class RuntimeUnavailable(Exception):
     """ONNX Runtime cannot load or run a model (e.g. a custom op without its library)."""
 
 
-def make_session(path: str | Path, custom_op_libraries: Sequence[str] = (), threads: int = 0):
+def make_session(path: str | Path | onnx.ModelProto, custom_op_libraries: Sequence[str] = (), threads: int = 0):
     try:
         return cpu_session(path, threads, custom_op_libraries)
     except OptimizeError:
@@ -84,7 +85,7 @@ def explain_runtime_error(exc: BaseException) -> str:
 _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def run_model(path: str | Path, samples: list[dict[str, np.ndarray]],
+def run_model(path: str | Path | onnx.ModelProto, samples: list[dict[str, np.ndarray]],
               custom_op_libraries: Sequence[str] = ()) -> tuple[list[str], list[list[Any]]]:
     session = make_session(path, custom_op_libraries)
     names = [o.name for o in session.get_outputs()]
@@ -270,10 +271,6 @@ def _selection_flip(original_path: str | Path, optimized_path: str | Path, sampl
     downstream of a selection and every frontier tensor matches, the optimization is lossless and
     the difference is a selection flipping on near-tied scores (random inputs make such ties
     common in detectors). Returns that explanation, or None."""
-    import tempfile
-
-    import onnx
-
     try:
         original = onnx.load(str(original_path))
         optimized = onnx.load(str(optimized_path))
@@ -304,19 +301,15 @@ def _selection_flip(original_path: str | Path, optimized_path: str | Path, sampl
     if not fed or not fed <= produced:
         return None  # the optimizer renamed a data-dependent frontier tensor: cannot compare
     names = sorted(fed)
-    with tempfile.TemporaryDirectory(prefix="onnxslim-opt-probe-") as tmp:
-        runs = []
-        for model, label in ((original, "original"), (optimized, "optimized")):
-            existing = {o.name for o in model.graph.output}
-            model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-            path = Path(tmp) / f"{label}.onnx"
-            onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
+    runs = []
+    for model in (original, optimized):
+        with extra_outputs(model, names):
             try:
-                out_names, outputs = run_model(path, samples, custom_op_libraries)
+                out_names, outputs = run_model(model, samples, custom_op_libraries)
             except RuntimeUnavailable:
                 return None
-            index = [out_names.index(n) for n in names]
-            runs.append([[sample[i] for i in index] for sample in outputs])
+        index = [out_names.index(n) for n in names]
+        runs.append([[sample[i] for i in index] for sample in outputs])
     comparisons = _compare_runs(names, runs[0], runs[1], rtol, atol)
     if not all(c.matches for c in comparisons):
         return None

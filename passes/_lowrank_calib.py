@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_opt.calibration import load_calibration
-from onnxslim_opt.runtime import cpu_session
+from onnxslim_opt.runtime import cpu_session, extra_outputs
 from onnxslim_opt.graph import export_model
 
 #: calibration samples used at most (the covariance of a few hundred images is plenty)
@@ -32,13 +32,9 @@ def output_subspaces(graph: gs.Graph, ctx, layers: list) -> None:
         return
     data = load_calibration(ctx.calibration, ctx.input_specs, ctx.preprocess,
                             0 if ctx.calibration else ctx.calibration_random, ctx.seed)
-    probe = graph.copy()
-    tensors = probe.tensors()
-    probe.outputs = [tensors[name] for name in wanted]
-    for t in probe.outputs:
-        t.dtype = np.float32
-    model = export_model(probe, ctx.original) if ctx.original is not None else gs.export_onnx(probe, do_type_check=False)
-    sess = cpu_session(model)
+    model = export_model(graph, ctx.original) if ctx.original is not None else gs.export_onnx(graph, do_type_check=False)
+    with extra_outputs(model, list(wanted)):
+        sess = cpu_session(model)
     dynamic = all(not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
     sums = {name: None for name in wanted}
     seen = 0

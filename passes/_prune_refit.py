@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxslim_opt.runtime import extra_outputs
 from onnxslim_opt.graph import attr, constant_value, export_model, make_constant, optional_input
 
 from ._prune_graph import Analysis, Role, keep_mask
@@ -38,18 +39,10 @@ def refittable(role: Role) -> Optional[str]:
     return f"{n.op} consumers are not refit"
 
 
-def _outputs_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    known = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in known:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return model
-
-
 def stream_outputs(model: onnx.ModelProto, names: list[str], feeds: list[dict], session):
     """Per calibration batch, the named tensors (one ORT session, nothing kept across batches)."""
-    sess = session(_outputs_model(model, names))
+    with extra_outputs(model, names):
+        sess = session(model)
     for feed in feeds:
         yield dict(zip(names, sess.run(names, feed)))
 

@@ -156,7 +156,7 @@ class PruneChannels(Pass):
                 result.notes.append("prune_channels: masked-graph check skipped (input shapes unknown)")
         mode = self.options.reconstruct if feeds else "none"
         compensation = compute_compensation(graph, a, removed, ctx, feeds) if mode == "bias" else {}
-        unpruned = export_model(graph.copy(), ctx.original) if mode == "refit" else None
+        unpruned = export_model(graph, ctx.original) if mode == "refit" else None
         apply_updates(graph, updates)
         ctx.shapes_stale = True
         ensure_shapes(graph, ctx)
@@ -359,7 +359,7 @@ def _input_means(graph: gs.Graph, ctx: PassContext, names: list[str], feeds: lis
     names = list(dict.fromkeys(names))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for outs in stream_outputs(export_model(graph.copy(), ctx.original), names, feeds, cpu_session):
+    for outs in stream_outputs(export_model(graph, ctx.original), names, feeds, cpu_session):
         for name, v in outs.items():
             v = np.abs(np.asarray(v, np.float64)) if absolute else np.asarray(v, np.float64)
             sums[name] = sums.get(name, 0) + v.sum(axis=tuple(i for i in range(v.ndim) if i != 1))

@@ -128,7 +128,7 @@ class QuantizeInt8(Pass):
                                    "float_nodes": [{"node": n.name, "op": n.op, "reason": r}
                                                    for n, r in placement.declined]}
         if opts.check_fusion:
-            fused = fusion_summary(export_model(graph.copy(), ctx.original), quantized_nodes,
+            fused = fusion_summary(export_model(graph, ctx.original), quantized_nodes,
                                    [n.name for n, _ in placement.declined])
             details["ort_fusion"] = fused
             details["float_nodes"] += fused["not_fused"]
@@ -149,7 +149,7 @@ class QuantizeInt8(Pass):
         if data is None:
             raise OptimizeError(f"calibration cache {opts.cache} does not cover this model and method, "
                                 f"and no calibration data was given")
-        model = export_model(graph.copy(), ctx.original)
+        model = export_model(graph, ctx.original)
         batch = opts.batch_size if _batch_is_free(model) else 1
         sizes = {}
         for name, tensor in graph.tensors().items():
