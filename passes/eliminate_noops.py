@@ -97,14 +97,23 @@ def _transpose(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
     return 0 if list(perm) == list(range(len(perm))) else None
 
 
-def _reshape(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
+def _target_and_shape(node: Node) -> tuple[Optional[list[int]], Optional[list]] | str | None:
+    """(constant target of input 1, input shape) for Reshape/Expand checks, or the Verdict to
+    return: None when the target is not constant, a reason when the input shape is unknown."""
     target = constant_value(optional_input(node, 1))
     if target is None:
         return None
     shape = tensor_shape(node.inputs[0])
     if shape is None:
         return "input shape unknown"
-    target = [int(v) for v in np.asarray(target).reshape(-1)]
+    return [int(v) for v in np.asarray(target).reshape(-1)], shape
+
+
+def _reshape(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
+    known = _target_and_shape(node)
+    if not isinstance(known, tuple):
+        return known
+    target, shape = known
     if len(target) != len(shape) or target.count(-1) > 1:
         return None
     copies_zero = not attr(node, "allowzero", 0)
@@ -180,13 +189,11 @@ def _slice(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
 
 
 def _expand(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
-    target = constant_value(optional_input(node, 1))
-    if target is None:
-        return None
-    shape = tensor_shape(node.inputs[0])
-    if shape is None:
-        return "input shape unknown"
-    return 0 if _fits([int(v) for v in np.asarray(target).reshape(-1)], shape) else None
+    known = _target_and_shape(node)
+    if not isinstance(known, tuple):
+        return known
+    target, shape = known
+    return 0 if _fits(target, shape) else None
 
 
 def _pad(node: Node, graph: gs.Graph, ctx: PassContext) -> Verdict:
