@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from util import assert_same_outputs, make_model, optimize_with, ops, pass_stats, tensor, vinfo
+from util import check_rewrite, assert_same_outputs, make_model, optimize_with, ops, pass_stats, tensor, vinfo
 
 N = helper.make_node
 PASSES = ["merge_reshapes", "eliminate_dead_code"]
@@ -23,11 +23,7 @@ def chain(first, target, shape, out_shape, inits=(), allowzero=None, opset=17):
 
 
 def check(model, expect, concrete=None):
-    shapes = {"x": concrete} if concrete else None
-    out, report = optimize_with(model, PASSES, input_shapes=shapes)
-    assert ops(out) == expect, pass_stats(report, "merge_reshapes")["rejections"]
-    assert_same_outputs(model, out, shapes=shapes)
-    return out, report
+    return check_rewrite(model, PASSES, expect, "merge_reshapes", concrete)
 
 
 def target_of(model, node_index=0):

@@ -82,3 +82,16 @@ def ops(model: onnx.ModelProto) -> list[str]:
 
 def pass_stats(report, name: str) -> dict:
     return next(p for p in report.passes if p["name"] == name)
+
+
+def check_rewrite(model: onnx.ModelProto, passes: Sequence[str], expect: list[str], focus: str,
+                  concrete: Optional[Sequence[int]] = None, input_name: str = "x"):
+    """Run `passes` through the real pipeline (with its ORT validation), require the op list
+    `expect` (the `focus` pass's rejections explain a mismatch) and equal outputs under ORT.
+    `concrete` fixes the dynamic dims of input `input_name`. Returns (model, report)."""
+    shapes = {input_name: tuple(concrete)} if concrete else None
+    out, report = optimize_with(model, passes, input_shapes=shapes)
+    assert report.validation["status"] == "passed", report.validation
+    assert ops(out) == expect, pass_stats(report, focus)["rejections"]
+    assert_same_outputs(model, out, shapes=shapes)
+    return out, report
